@@ -1,0 +1,1 @@
+"""GPT-2 <-> EnergyGPT conversion (installed as `energy_gpt.conversion`)."""

@@ -1,0 +1,38 @@
+"""EnergyGPT: energy-based attention solvers (gd, momentum, nag, newton, newton_light) as a transformers model family.
+
+Importing this package registers the classes with the Auto factories.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
+
+from .modeling import (
+    ATTENTION_SOLVERS,
+    EnergyGPTConfig,
+    EnergyGPTForCausalLM,
+    EnergyGPTForSequenceClassification,
+    EnergyGPTModel,
+    EnergyGPTPreTrainedModel,
+)
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register(EnergyGPTConfig.model_type, EnergyGPTConfig, exist_ok=True)
+AutoModel.register(EnergyGPTConfig, EnergyGPTModel, exist_ok=True)
+AutoModelForCausalLM.register(EnergyGPTConfig, EnergyGPTForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(EnergyGPTConfig, EnergyGPTForSequenceClassification, exist_ok=True)
+
+__all__ = [
+    "ATTENTION_SOLVERS",
+    "EnergyGPTConfig",
+    "EnergyGPTForCausalLM",
+    "EnergyGPTForSequenceClassification",
+    "EnergyGPTModel",
+    "EnergyGPTPreTrainedModel",
+    "__version__",
+]

@@ -1,0 +1,428 @@
+"""PyTorch EnergyGPT: GPT-2 whose attention sublayer is one step of a chosen optimiser on the attention energy.
+
+Modelled on transformers' `models/gpt2/modeling_gpt2.py` (same state-dict names, `nn.Linear` weights in [out, in]) and
+`models/llama`. This file and its relative imports are exactly what ships beside a checkpoint as remote code.
+"""
+
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_energy_gpt import EnergyGPTConfig
+from .solvers_energy_gpt import ATTENTION_SOLVERS
+
+
+logger = logging.get_logger(__name__)
+
+
+class EnergyGPTAttention(nn.Module):
+    """The attention sublayer A(.): q, k, v from `c_attn`, per-head outputs from the solver, then `c_proj`."""
+
+    def __init__(self, config: EnergyGPTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.is_causal = True
+        # Same scaling as GPT-2, including its optional 1 / (layer_idx + 1).
+        self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scaling /= float(layer_idx + 1)
+
+        self.c_attn = nn.Linear(self.embed_dim, 3 * self.embed_dim)
+        self.c_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.solver = ATTENTION_SOLVERS[config.attention_solver](config, layer_idx)
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        return states.view(*states.shape[:-1], -1, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context_states: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`hidden_states` gives the queries; `context_states` (default: the same) gives the keys and values."""
+        query, key, value = self.c_attn(hidden_states).split(self.embed_dim, dim=2)
+        if context_states is not None:
+            _, key, value = self.c_attn(context_states).split(self.embed_dim, dim=2)
+        query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
+
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attn_output, attn_weights = self.solver.head_outputs(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attn_dropout.p if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*attn_output.shape[:-2], -1).contiguous()
+        attn_output = self.resid_dropout(self.c_proj(attn_output))
+        return attn_output, attn_weights
+
+
+class EnergyGPTMLP(nn.Module):
+    def __init__(self, intermediate_size: int, config: EnergyGPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.hidden_size, intermediate_size)
+        self.c_proj = nn.Linear(intermediate_size, config.hidden_size)
+        self.act = ACT2FN[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
+
+
+class EnergyGPTBlock(GradientCheckpointingLayer):
+    """Pre-LN block: the solver's attention step on the residual stream, then GPT-2's MLP sublayer unchanged."""
+
+    def __init__(self, config: EnergyGPTConfig, layer_idx: int):
+        super().__init__()
+        hidden_size = config.hidden_size
+        inner_dim = config.n_inner if config.n_inner is not None else 4 * hidden_size
+        self.ln_1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = EnergyGPTAttention(config, layer_idx=layer_idx)
+        self.ln_2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = EnergyGPTMLP(inner_dim, config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        momentum: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        def attend(query_source: torch.Tensor, context_source: torch.Tensor | None = None):
+            return self.attn(
+                self.ln_1(query_source),
+                context_states=None if context_source is None else self.ln_1(context_source),
+                past_key_values=past_key_values,
+                attention_mask=attention_mask,
+                **kwargs,
+            )
+
+        hidden_states, momentum, attn_weights = self.attn.solver.residual_step(hidden_states, momentum, attend)
+        hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
+        return hidden_states, momentum, attn_weights
+
+
+class EnergyGPTPreTrainedModel(PreTrainedModel):
+    config: EnergyGPTConfig
+    config_class = EnergyGPTConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EnergyGPTBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False  # newton / newton_light need the probabilities or a second pass with other values
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(EnergyGPTBlock, index=0),
+        "attentions": OutputRecorder(EnergyGPTAttention, index=1),
+    }
+    # Hub GPT-2 checkpoints carry these legacy causal-mask buffers.
+    _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
+
+    def __init__(self, config: EnergyGPTConfig, *inputs, **kwargs):
+        # Overrides passed to from_pretrained / from_config land on the config after its own checks: check again.
+        config._validate_config()
+        super().__init__(config, *inputs, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        config = self.config
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        # GPT-2's depth-scaled init of the two residual projections per block (flagged on the leaf Linear, since
+        # `_init_weights` is not called on the parent modules in custom code).
+        if getattr(module, "_is_residual_projection", False):
+            init.normal_(module.weight, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
+        solver_values = {"momentum_beta": config.momentum_beta, "newton_lambda": config.newton_lambda}
+        for name, value in solver_values.items():
+            tensor = getattr(module, name, None)
+            if isinstance(tensor, torch.Tensor):
+                init.constant_(tensor, value)
+
+    def post_init(self):
+        for module in self.modules():
+            if isinstance(module, (EnergyGPTAttention, EnergyGPTMLP)):
+                module.c_proj._is_residual_projection = True
+        super().post_init()
+
+
+class EnergyGPTModel(EnergyGPTPreTrainedModel):
+    def __init__(self, config: EnergyGPTConfig):
+        super().__init__(config)
+        self.embed_dim = config.hidden_size
+        self.wte = nn.Embedding(config.vocab_size, self.embed_dim)
+        self.wpe = nn.Embedding(config.max_position_embeddings, self.embed_dim)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([EnergyGPTBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.wte = new_embeddings
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length: int) -> tuple[int, int]:
+        """Clear errors for bad input, before it becomes an index error deep in torch."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
+        batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if batch_size == 0 or seq_length == 0:
+            raise ValueError(f"Empty input: got a batch of shape ({batch_size}, {seq_length}); need at least one token.")
+        if input_ids is not None and not torch.compiler.is_compiling():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"`input_ids` contains token id {bad}, outside the vocabulary: ids must be in "
+                    f"[0, {self.config.vocab_size - 1}] (`vocab_size`={self.config.vocab_size})."
+                )
+        if past_length + seq_length > self.config.n_positions:
+            raise ValueError(
+                f"Sequence too long: {past_length} cached + {seq_length} new tokens > `n_positions`="
+                f"{self.config.n_positions}, the number of learned position embeddings."
+            )
+        if attention_mask is not None and attention_mask.ndim == 2:
+            expected = (batch_size, past_length + seq_length)
+            if tuple(attention_mask.shape) != expected:
+                raise ValueError(
+                    f"`attention_mask` has shape {tuple(attention_mask.shape)}, expected {expected} "
+                    "(batch size, cached + new tokens)."
+                )
+        return batch_size, seq_length
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        kwargs.pop("output_attentions", None)
+        kwargs.pop("output_hidden_states", None)
+        kwargs.pop("token_type_ids", None)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
+            position_ids = position_ids.unsqueeze(0)
+        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids).to(inputs_embeds.device))
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+
+        momentum = None  # solver state (momentum / nag), zero before the first layer of every forward pass
+        for block in self.h:
+            hidden_states, momentum, _ = block(
+                hidden_states,
+                momentum,
+                past_key_values if not (self.gradient_checkpointing and self.training) else None,
+                causal_mask,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        hidden_states = self.ln_f(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        )
+
+
+class EnergyGPTForCausalLM(EnergyGPTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: EnergyGPTConfig):
+        super().__init__(config)
+        self.transformer = EnergyGPTModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Language-modelling labels, shifted inside the model (`labels = input_ids` works); -100 is ignored.
+        """
+        outputs: BaseModelOutputWithPast = self.transformer(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            if labels.shape != hidden_states.shape[:2]:
+                raise ValueError(
+                    f"`labels` has shape {tuple(labels.shape)}, expected {tuple(hidden_states.shape[:2])} "
+                    "(the shape of `input_ids`)."
+                )
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class EnergyGPTForSequenceClassification(EnergyGPTPreTrainedModel):
+    """EnergyGPT with a linear head (`score`) on the last non-padding token, as `GPT2ForSequenceClassification`."""
+
+    def __init__(self, config: EnergyGPTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = EnergyGPTModel(config)
+        self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class indices (single-label), a float multi-hot matrix (multi-label) or floats (regression, `num_labels=1`).
+        """
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        if self.config.pad_token_id is None and batch_size != 1:
+            raise ValueError(
+                f"Cannot classify a batch of {batch_size} sequences without `config.pad_token_id`: the last real "
+                "token of each sequence is found from it. Set `model.config.pad_token_id` (for GPT-2 tokenizers, "
+                "usually the eos token id 50256)."
+            )
+        outputs: BaseModelOutputWithPast = self.transformer(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+
+        if self.config.pad_token_id is None:
+            last_non_pad_token = -1
+        elif input_ids is not None:
+            # Rightmost token that is not padding: handles both left and right padding.
+            non_pad_mask = (input_ids != self.config.pad_token_id).to(logits.device, torch.int32)
+            token_indices = torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32)
+            last_non_pad_token = (token_indices * non_pad_mask).argmax(-1)
+        else:
+            last_non_pad_token = -1
+            logger.warning_once(
+                f"{self.__class__.__name__} will not detect padding tokens in `inputs_embeds`: the last position is "
+                "used for every sequence."
+            )
+        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_non_pad_token]
+
+        loss = None
+        if labels is not None:
+            if labels.shape[0] != batch_size:
+                raise ValueError(
+                    f"`labels` has {labels.shape[0]} rows for a batch of {batch_size} sequences; expected shape "
+                    f"({batch_size},) or ({batch_size}, {self.num_labels})."
+                )
+            loss = self.loss_function(labels=labels, pooled_logits=pooled_logits, config=self.config)
+
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+# So `save_pretrained` copies these files beside the weights (the config writes the full `auto_map`).
+EnergyGPTConfig.register_for_auto_class()
+EnergyGPTModel.register_for_auto_class("AutoModel")
+EnergyGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+EnergyGPTForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = [
+    "EnergyGPTForCausalLM",
+    "EnergyGPTForSequenceClassification",
+    "EnergyGPTModel",
+    "EnergyGPTPreTrainedModel",
+]
