@@ -13,7 +13,7 @@ install:
 demo: install
 	$(PYTHON) -m energy_gpt compare --output_dir outputs/compare
 
-test: 
+test: install
 	$(PYTHON) -m pytest -q tests
 
 bench:

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny configs, GPT-2 weight transplant, the real GPT-2 tokenizer from ../shared/data (skipped
+cleanly when absent). Everything runs offline."""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ENERGY_GPT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+SOLVERS = ["gd", "momentum", "nag", "newton", "newton_light"]
+ATTENTION_IMPLEMENTATIONS = ["eager", "sdpa"]
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+TINY = dict(
+    vocab_size=101, n_positions=64, n_embd=32, n_layer=3, n_head=4,
+    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+)
+
+
+def tiny_config(**overrides):
+    from energy_gpt import EnergyGPTConfig
+
+    return EnergyGPTConfig(**{**TINY, **overrides})
+
+
+def tiny_gpt2_config(**overrides):
+    from transformers import GPT2Config
+
+    return GPT2Config(**{**TINY, **overrides})
+
+
+def gpt2_to_energy_state_dict(gpt2_state_dict: dict) -> dict:
+    """Test-side transplant (independent of `energy_gpt.conversion`): transpose the Conv1D weights only."""
+    return {
+        key: value.t().contiguous() if key.endswith(CONV1D_SUFFIXES) else value
+        for key, value in gpt2_state_dict.items()
+        if not key.endswith(("attn.bias", "attn.masked_bias"))
+    }
+
+
+def shared_data_path(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(tmp_path_factory) -> Path:
+    """The real GPT-2 tokenizer (shared/data/gpt2-tokenizer), saved once as a normal tokenizer directory."""
+    source = shared_data_path("gpt2-tokenizer")
+    from transformers import GPT2Tokenizer
+
+    raw = tmp_path_factory.mktemp("gpt2-raw")
+    shutil.copy(source / "encoder.json", raw / "vocab.json")
+    shutil.copy(source / "vocab.bpe", raw / "merges.txt")
+    out = tmp_path_factory.mktemp("gpt2-tokenizer")
+    GPT2Tokenizer.from_pretrained(raw).save_pretrained(out)
+    return out
+
+
+# Code run in a subprocess where `energy_gpt` (and the repository's `modeling` folder) cannot be imported: the only
+# way to the classes is the checkpoint's remote code.
+BLOCK_ENERGY_GPT = """
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('energy_gpt', 'modeling', 'conversion'):
+            raise ImportError(f'{name} is blocked in this test process')
+        return None
+sys.meta_path.insert(0, _Block())
+sys.path = [p for p in sys.path if p not in ('', '.') and not p.startswith(%r)]
+""" % str(REPO_ROOT)
+
+
+def run_without_energy_gpt(code: str, cwd: Path, env_extra: dict | None = None):
+    """Run `code` in a fresh interpreter that cannot import energy_gpt; return the CompletedProcess."""
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", **(env_extra or {})}
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_ENERGY_GPT + code], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
