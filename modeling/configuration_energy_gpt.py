@@ -185,12 +185,6 @@ class EnergyGPTConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self._validate_config()
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        check = _FIELD_CHECKS.get(_FIELD_ALIASES.get(name, name))
-        if check is not None:
-            check(value)
-        super().__setattr__(name, value)
-
     def _validate_config(self) -> None:
         """Every check of the configuration, in one place. Raises `ValueError` naming the field and what is allowed."""
         for name, check in _FIELD_CHECKS.items():
@@ -204,6 +198,22 @@ class EnergyGPTConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Part of `@strict`-powered validation (run on save)."""
         self._validate_config()
+
+
+def _checked_setattr(strict_setattr):
+    """Run our field checks before `@strict`'s type validators, so a bad value (also a `from_pretrained` override,
+    which is applied by assignment) raises a `ValueError` that names the field and the allowed values."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        check = _FIELD_CHECKS.get(_FIELD_ALIASES.get(name, name))
+        if check is not None:
+            check(value)
+        strict_setattr(self, name, value)
+
+    return __setattr__
+
+
+EnergyGPTConfig.__setattr__ = _checked_setattr(EnergyGPTConfig.__setattr__)
 
 
 __all__ = ["EnergyGPTConfig", "ENERGY_GPT_AUTO_MAP", "NAG_LOOKAHEAD_MODES"]

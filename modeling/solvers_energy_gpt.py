@@ -15,6 +15,7 @@ Adding a solver means writing one class here and adding one line to `ATTENTION_S
 from collections.abc import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
@@ -41,15 +42,16 @@ def attention_probabilities(query, key, attention_mask, scaling: float) -> torch
     With `sdpa` the causal mask may be `None` (pure causal, left to `is_causal`) or boolean; with `eager` it is an
     additive float mask. Queries are the last `q_len` of the `kv_len` positions.
     """
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    # Scale the (smaller) query instead of the scores, and mask in place: one pass less over the T x S scores.
+    scores = torch.matmul(query.float() * scaling, key.float().transpose(-1, -2))
     q_len, kv_len = scores.shape[-2:]
     if attention_mask is None:
-        visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
-        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+        hidden = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).triu(kv_len - q_len + 1)
+        scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
     elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[..., :kv_len], torch.finfo(scores.dtype).min)
+        scores.masked_fill_(~attention_mask[..., :kv_len], torch.finfo(scores.dtype).min)
     else:
-        scores = scores + attention_mask[..., :kv_len].float()
+        scores.add_(attention_mask[..., :kv_len].float())
     return torch.softmax(scores, dim=-1)
 
 
@@ -140,48 +142,65 @@ class NewtonSolver(GradientDescentSolver):
         self._register_solver_scalar("newton_lambda", config.newton_lambda, (config.n_head,), config.learn_solver_params)
         self.step_bound = config.newton_step_bound
 
+    def correction_vanishes(self) -> bool:
+        """lambda fixed (not trained) at exactly 0: the output is mu, so skip the correction altogether."""
+        return not self.newton_lambda.requires_grad and not bool(self.newton_lambda.any())
+
     def head_outputs(self, module, query, key, value, attention_mask, **kwargs):
         # mu through the standard interface, so lambda = 0 reproduces GPT-2 bit for bit on every path.
         attn_output, attn_weights = standard_attention(module, query, key, value, attention_mask, **kwargs)
+        if self.correction_vanishes():
+            return attn_output, attn_weights
         mean = attn_output.transpose(1, 2).float()  # (batch, heads, q_len, head_dim)
-        correction = torch.cat(
-            [
-                self._correction(
-                    self._probabilities(attn_weights, query, key, attention_mask, kwargs["scaling"], start, end),
-                    value.float(),
-                    mean[:, :, start:end],
-                )
-                for start, end in self._query_chunks(query, attn_weights)
-            ],
-            dim=2,
-        )
+        value = value.float()
+        squared_norms = (value * value).sum(-1, keepdim=True)  # ||v_i||^2, for the trace of Sigma
+        if attn_weights is not None:  # eager already has the probabilities (after dropout): reuse them
+            correction = self._correction(attn_weights.float(), value, squared_norms, mean)
+        else:
+            correction = torch.cat(
+                [self._chunk_correction(query, key, value, squared_norms, mean, attention_mask, kwargs["scaling"], *chunk)
+                 for chunk in self._query_chunks(query.shape[2])],
+                dim=2,
+            )
         output = (mean + correction).to(attn_output.dtype).transpose(1, 2)
         return output, attn_weights
 
     @staticmethod
-    def _query_chunks(query, attn_weights):
-        q_len = query.shape[2]
-        step = q_len if attn_weights is not None else NEWTON_QUERY_CHUNK
-        return [(start, min(start + step, q_len)) for start in range(0, q_len, step)]
+    def _query_chunks(q_len: int) -> list[tuple[int, int]]:
+        return [(start, min(start + NEWTON_QUERY_CHUNK, q_len)) for start in range(0, q_len, NEWTON_QUERY_CHUNK)]
 
-    @staticmethod
-    def _probabilities(attn_weights, query, key, attention_mask, scaling, start, end):
-        if attn_weights is not None:  # eager already has them (after dropout): reuse
-            return attn_weights[:, :, start:end].float()
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask[:, :, start:end] if attention_mask.shape[2] > 1 else attention_mask
-        elif start > 0 or end < query.shape[2]:
-            # Pure causal chunk: materialise its slice of the causal mask.
-            kv_len, q_len = key.shape[2], query.shape[2]
-            rows = torch.arange(start, end, device=query.device).unsqueeze(-1) + (kv_len - q_len)
-            mask = (torch.arange(kv_len, device=query.device) <= rows).view(1, 1, end - start, kv_len)
-        return attention_probabilities(query[:, :, start:end], key, mask, scaling)
+    def _chunk_correction(self, query, key, value, squared_norms, mean, attention_mask, scaling, start, end):
+        """The correction for queries [start, end) from recomputed probabilities (SDPA does not return them).
 
-    def _correction(self, probs, value, mean):
+        Attention is causal, so the chunk only sees the first `kv_len - q_len + end` keys: the rest are never read.
+        In training the chunk is checkpointed (recomputed in the backward pass), so that no T x S tensor outlives
+        its chunk and training memory grows linearly with the sequence length, as with SDPA.
+        """
+        visible = key.shape[2] - query.shape[2] + end
+        mask = attention_mask
+        if mask is not None:
+            mask = mask[:, :, start:end, :visible] if mask.shape[2] > 1 else mask[..., :visible]
+        # With mask None, `attention_probabilities` puts the causal diagonal at offset visible - (end - start), which
+        # is exactly this chunk's offset in the full sequence.
+        args = (query[:, :, start:end], key[:, :, :visible], value[:, :, :visible], squared_norms[:, :, :visible],
+                mean[:, :, start:end], mask, scaling)
+        needs_grad = torch.is_grad_enabled() and (
+            any(t.requires_grad for t in (query, key, value, mean)) or self.newton_lambda.requires_grad
+        )
+        if needs_grad:
+            return torch.utils.checkpoint.checkpoint(self._probabilities_and_correction, *args, use_reentrant=False)
+        return self._probabilities_and_correction(*args)
+
+    def _probabilities_and_correction(self, query, key, value, squared_norms, mean, mask, scaling):
+        return self._correction(attention_probabilities(query, key, mask, scaling), value, squared_norms, mean)
+
+    def _correction(self, probs, value, squared_norms, mean):
         projections = torch.matmul(mean, value.transpose(-1, -2))  # v_i . mu_t, attention-shaped
-        sigma_mean = torch.matmul(probs * projections, value) - (mean * mean).sum(-1, keepdim=True) * mean
-        trace = torch.matmul(probs, (value * value).sum(-1, keepdim=True)) - (mean * mean).sum(-1, keepdim=True)
+        # p_ti * (v_i . mu_t); in place when no graph is recorded (saves one T x S allocation).
+        weights = projections.mul_(probs) if not torch.is_grad_enabled() else probs * projections
+        mean_norm = (mean * mean).sum(-1, keepdim=True)
+        sigma_mean = torch.matmul(weights, value) - mean_norm * mean
+        trace = torch.matmul(probs, squared_norms) - mean_norm
         return _bounded_lambda(self.newton_lambda, trace.clamp(min=0), self.step_bound) * sigma_mean
 
 
@@ -192,8 +211,10 @@ class LightNewtonSolver(NewtonSolver):
 
     def head_outputs(self, module, query, key, value, attention_mask, **kwargs):
         attn_output, attn_weights = standard_attention(module, query, key, value, attention_mask, **kwargs)
+        if self.correction_vanishes():
+            return attn_output, attn_weights
         mean = attn_output.transpose(1, 2).float()
-        squared_values = value.float() * value.float()
+        squared_values = value.float().square()
         if attn_weights is not None:
             second_moment = torch.matmul(attn_weights.float(), squared_values)
         else:

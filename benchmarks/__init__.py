@@ -1,0 +1,1 @@
+"""Benchmarks: every EnergyGPT solver against Hugging Face `GPT2LMHeadModel` (run `python -m benchmarks.run`)."""

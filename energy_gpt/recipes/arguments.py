@@ -1,0 +1,112 @@
+"""Argument dataclasses shared by the recipes (`pretrain`, `glue`, `compare`), parsed with `HfArgumentParser` next to
+`TrainingArguments`, in the style of transformers' `run_clm.py` / `run_glue.py`."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..modeling.configuration_energy_gpt import NAG_LOOKAHEAD_MODES
+from ..modeling.solvers_energy_gpt import ATTENTION_SOLVERS
+
+
+# EnergyGPT's attention (`c_attn`, `c_proj`) and MLP output (`c_proj`) are plain `nn.Linear`s: the usual GPT-2 LoRA
+# targets. The sequence-classification head `score` is trained in full (PEFT `modules_to_save`).
+DEFAULT_LORA_TARGET_MODULES = "c_attn,c_proj"
+
+
+@dataclass
+class ModelArguments:
+    """Which model, config and tokenizer to train (a checkpoint, or a fresh model), its solver, and LoRA options."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "EnergyGPT checkpoint (Hub id or local folder) to start from. Leave unset to train a new "
+                          "model from --config_name / --config_overrides."},
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={"help": "Config name or path, if not the same as --model_name_or_path (an EnergyGPT or GPT-2 "
+                          "config). Without it and without --model_name_or_path, a default EnergyGPTConfig (GPT-2 "
+                          "small shape) is used."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Override config fields of a new model, e.g. 'n_layer=4,n_embd=256,n_head=4'. Not "
+                          "allowed with --model_name_or_path (the weights fix the shapes)."},
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer name or path, if not the same as --model_name_or_path."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to store files downloaded from the Hub."})
+    model_revision: str = field(default="main", metadata={"help": "Model revision (branch, tag or commit id)."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private models (default: `hf auth login`)."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow code from the Hub (needed only for non-EnergyGPT remote code)."}
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={"help": "Load the model in this dtype.", "choices": ["auto", "bfloat16", "float16", "float32"]},
+    )
+
+    # Solver fields: unset means "keep the value of the config / checkpoint".
+    attention_solver: str | None = field(
+        default=None, metadata={"help": "Attention solver.", "choices": sorted(ATTENTION_SOLVERS)}
+    )
+    momentum_beta: float | None = field(
+        default=None, metadata={"help": "Initial beta in [0, 1) of every layer for the momentum and nag solvers."}
+    )
+    newton_lambda: float | None = field(
+        default=None, metadata={"help": "Initial lambda of every head for the newton and newton_light solvers."}
+    )
+    learn_solver_params: bool | None = field(
+        default=None, metadata={"help": "Train beta / lambda (true) or keep them fixed (false)."}
+    )
+    nag_lookahead: str | None = field(
+        default=None,
+        metadata={"help": "nag: where q, k, v are taken at the lookahead point.", "choices": list(NAG_LOOKAHEAD_MODES)},
+    )
+
+    # LoRA (PEFT).
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str = field(
+        default=DEFAULT_LORA_TARGET_MODULES,
+        metadata={"help": "Comma-separated module names that get LoRA adapters (EnergyGPT: c_attn, c_proj, c_fc), "
+                          "or 'all-linear'."},
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={"help": "Merge the trained adapters into the weights and save a full model in --output_dir (the "
+                          "adapter itself goes to --output_dir/lora_adapter). Default: save only the adapter."},
+    )
+
+    def __post_init__(self):
+        if self.config_overrides is not None and self.model_name_or_path is not None:
+            raise ValueError(
+                "--config_overrides can't be used with --model_name_or_path (the checkpoint fixes the shapes); use the "
+                "solver flags (--attention_solver, --momentum_beta, ...) to change the solver of a checkpoint."
+            )
+        if self.momentum_beta is not None and not 0.0 <= self.momentum_beta < 1.0:
+            raise ValueError(f"--momentum_beta must be in [0, 1), got {self.momentum_beta}.")
+        if self.lora_r <= 0:
+            raise ValueError(f"--lora_r must be a positive integer, got {self.lora_r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.merge_lora and not self.use_lora:
+            raise ValueError("--merge_lora needs --use_lora.")
+        if not self.lora_target_list():
+            raise ValueError("--lora_target_modules is empty; pass e.g. 'c_attn,c_proj'.")
+
+    def solver_overrides(self) -> dict[str, Any]:
+        """The solver fields given on the command line (config fields of the same names)."""
+        names = ("attention_solver", "momentum_beta", "newton_lambda", "learn_solver_params", "nag_lookahead")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def lora_target_list(self) -> list[str] | str:
+        if self.lora_target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+
+
+__all__ = ["DEFAULT_LORA_TARGET_MODULES", "ModelArguments"]

@@ -1,0 +1,226 @@
+"""What the recipes share: logging set-up, config / tokenizer / model building, LoRA wrapping, data files, the final
+save (model or adapter, model card, push) and the `*_results.json` files of the transformers examples."""
+
+import json
+import logging
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+
+from ..io_utils import atomic_write_json
+from ..model_card import write_model_card
+from ..modeling import EnergyGPTConfig
+from .arguments import ModelArguments
+
+
+logger = logging.getLogger(__name__)
+
+LORA_ADAPTER_DIRNAME = "lora_adapter"
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """As in the transformers examples: info logs on the main process, warnings elsewhere; progress bars from Trainer."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    logging.getLogger("energy_gpt").setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.warning(
+        f"Process rank: {training_args.process_index}, device: {training_args.device}, "
+        f"distributed training: {training_args.parallel_mode.value == 'distributed'}, world size: "
+        f"{training_args.world_size}"
+    )
+
+
+def hub_kwargs(model_args: ModelArguments) -> dict[str, Any]:
+    return {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+
+
+def build_config(model_args: ModelArguments, **task_fields: Any) -> EnergyGPTConfig:
+    """The model's config: from the checkpoint, from --config_name (EnergyGPT or GPT-2), or a default one; then
+    --config_overrides, the solver flags and `task_fields` (e.g. num_labels), each checked by EnergyGPTConfig."""
+    source = model_args.config_name or model_args.model_name_or_path
+    if source is not None:
+        config = AutoConfig.from_pretrained(source, **hub_kwargs(model_args))
+        if not isinstance(config, EnergyGPTConfig):
+            if model_args.config_name is None or config.model_type != "gpt2":
+                raise ValueError(
+                    f"{source!r} is a {config.model_type!r} config; the recipes train EnergyGPT models. Convert a GPT-2 "
+                    "checkpoint first (`energy-gpt convert`), or pass a GPT-2 / EnergyGPT config as --config_name."
+                )
+            # A GPT-2 config carries over field for field (EnergyGPTConfig keeps GPT-2's names and defaults).
+            gpt2_fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+            config = EnergyGPTConfig(**gpt2_fields)
+    else:
+        config = EnergyGPTConfig()
+        logger.warning("No --model_name_or_path / --config_name: training a new model from a default EnergyGPTConfig.")
+    if model_args.config_overrides:
+        logger.info(f"Overriding config: {model_args.config_overrides}")
+        try:
+            config.update_from_string(model_args.config_overrides)
+        except ValueError as error:
+            raise ValueError(f"--config_overrides {model_args.config_overrides!r}: {error}") from error
+    for name, value in {**model_args.solver_overrides(), **task_fields}.items():
+        setattr(config, name, value)  # EnergyGPTConfig checks every field on assignment
+    config._validate_config()  # cross-field checks (n_embd % n_head) once all overrides are in
+    return config
+
+
+def build_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
+    source = model_args.tokenizer_name or model_args.model_name_or_path
+    if source is None:
+        raise ValueError(
+            "A new model still needs a tokenizer: pass --tokenizer_name (e.g. openai-community/gpt2 or a local folder)."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs(model_args))
+    if tokenizer.pad_token is None:
+        # GPT-2 tokenizers have no padding token: pad with eos, as is usual for GPT-2. Padded positions are masked
+        # (attention_mask) and the classifier pools the last non-pad token.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(
+    model_class: type[PreTrainedModel], model_args: ModelArguments, config: EnergyGPTConfig, tokenizer
+) -> PreTrainedModel:
+    if model_args.model_name_or_path:
+        dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+        model = model_class.from_pretrained(
+            model_args.model_name_or_path, config=config, dtype=dtype, **hub_kwargs(model_args)
+        )
+    else:
+        model = model_class._from_config(config)
+        n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
+        logger.info(f"Training a new {config.attention_solver} model from scratch: {n_params / 2**20:.2f}M parameters")
+    # Only grow the embeddings when the tokenizer needs it (a tiny test vocabulary stays tiny otherwise).
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def wrap_with_lora(model: PreTrainedModel, model_args: ModelArguments, task_type: str) -> PreTrainedModel:
+    """Wrap `model` in a PEFT LoRA model when --use_lora (`task_type`: "CAUSAL_LM" or "SEQ_CLS")."""
+    if not model_args.use_lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora_config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_list(),
+        task_type=task_type,
+        # A new classification head has nothing to adapt from: train it in full and save it with the adapter.
+        modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
+    )
+    try:
+        peft_model = get_peft_model(model, lora_config)
+    except ValueError as error:
+        raise ValueError(
+            f"--lora_target_modules {model_args.lora_target_modules!r}: {error} EnergyGPT's Linear layers are "
+            "c_attn, c_proj (attention and MLP) and c_fc."
+        ) from error
+    peft_model.print_trainable_parameters()
+    return peft_model
+
+
+def data_files_and_builder(train_file: str | None, validation_file: str | None, allowed: dict[str, str]):
+    """`data_files` and the `datasets` builder name for local files; `allowed` maps file extensions to builders."""
+    data_files = {split: path for split, path in (("train", train_file), ("validation", validation_file)) if path}
+    extensions = {Path(path).suffix.lstrip(".").lower() for path in data_files.values()}
+    for split, path in data_files.items():
+        extension = Path(path).suffix.lstrip(".").lower()
+        if extension not in allowed:
+            raise ValueError(f"--{split}_file {path!r}: unsupported extension {extension!r}; allowed: {sorted(allowed)}.")
+    if len({allowed[extension] for extension in extensions}) > 1:
+        raise ValueError(f"--train_file and --validation_file must have the same format, got {sorted(extensions)}.")
+    return data_files, allowed[extensions.pop()]
+
+
+def recipe_command(recipe: str, argv: list[str]) -> str:
+    return shlex.join(["energy-gpt", recipe, *argv])
+
+
+class RecipeTrainer(Trainer):
+    """`Trainer` whose model card is EnergyGPT's (used for the saved folder and for `--push_to_hub`)."""
+
+    def __init__(self, *args, card_command: str, card_datasets: list[str] | None, base_model: str | None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.card_command, self.card_datasets, self.base_model = card_command, card_datasets, base_model
+
+    def create_model_card(self, **kwargs) -> None:
+        if not self.is_world_process_zero():
+            return
+        write_model_card(
+            self.args.output_dir, base_model=self.base_model, command=self.card_command, datasets=self.card_datasets
+        )
+
+
+def save_trained_model(trainer: RecipeTrainer, model_args: ModelArguments) -> None:
+    """Save the model (or the LoRA adapter, or the merged model) and the tokenizer to --output_dir, like
+    `trainer.save_model()`; only the main process writes. Every rank must call it (merging runs on each rank)."""
+    if model_args.use_lora and model_args.merge_lora:
+        trainer.save_model(str(Path(trainer.args.output_dir) / LORA_ADAPTER_DIRNAME))
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        # From now on the trainer (evaluation, push_to_hub) works with the merged full model.
+        trainer.model = trainer.model_wrapped = merged
+    trainer.save_model()
+
+
+def finish(trainer: RecipeTrainer, push_kwargs: dict[str, Any] | None = None) -> None:
+    """Write the model card (main process) and push the output folder when --push_to_hub."""
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(**(push_kwargs or {}))
+    else:
+        trainer.create_model_card()
+
+
+def save_results(trainer: Trainer, split: str, metrics: dict[str, float], combined: bool = True) -> None:
+    """`{split}_results.json` and `all_results.json` as in the transformers examples, written atomically by the main
+    process only."""
+    trainer.log_metrics(split, metrics)
+    if not trainer.is_world_process_zero():
+        return
+    output_dir = Path(trainer.args.output_dir)
+    atomic_write_json(output_dir / f"{split}_results.json", metrics, indent=4)
+    if combined:
+        all_path = output_dir / "all_results.json"
+        all_metrics = json.loads(all_path.read_text()) if all_path.exists() else {}
+        all_metrics.update(metrics)
+        atomic_write_json(all_path, all_metrics, indent=4)
+
+
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def limit_samples(dataset, max_samples: int | None, streaming: bool):
+    if max_samples is None:
+        return dataset
+    if streaming:
+        return dataset.take(max_samples)
+    return dataset.select(range(min(max_samples, len(dataset))))

@@ -1,0 +1,255 @@
+"""`energy-gpt pretrain`: causal-LM pretraining of an EnergyGPT model with `Trainer`, with the arguments of
+transformers' `run_clm.py`.
+
+    energy-gpt pretrain --config_overrides "n_layer=4,n_embd=256,n_head=4" --attention_solver momentum \
+        --tokenizer_name openai-community/gpt2 --dataset_name JeanKaddour/minipile --block_size 512 \
+        --do_train --do_eval --max_steps 2000 --output_dir runs/momentum
+
+Texts are tokenized, concatenated and cut into blocks of --block_size tokens ("packing"); the evaluation reports
+the loss and its perplexity.
+"""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from itertools import chain
+
+import numpy as np
+from datasets import IterableDatasetDict, load_dataset
+from transformers import HfArgumentParser, Trainer, TrainingArguments, default_data_collator, set_seed
+
+from ..modeling import EnergyGPTForCausalLM
+from .arguments import ModelArguments
+from .common import (
+    RecipeTrainer,
+    build_config,
+    build_model,
+    build_tokenizer,
+    data_files_and_builder,
+    finish,
+    limit_samples,
+    perplexity,
+    recipe_command,
+    save_results,
+    save_trained_model,
+    setup_logging,
+    wrap_with_lora,
+)
+from .metrics import accuracy
+
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PRETRAIN_DATASET = "JeanKaddour/minipile"
+TEXT_FILE_BUILDERS = {"txt": "text", "text": "text", "json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
+
+
+@dataclass
+class DataTrainingArguments:
+    """Which text to train and evaluate on, and how to cut it into blocks."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": f"Dataset on the Hub (default {DEFAULT_PRETRAIN_DATASET} when no --train_file / "
+                          "--validation_file is given)."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of the dataset."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "Training text: a .txt, .json/.jsonl, .csv or .parquet file."}
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Validation text, same formats."})
+    text_column: str | None = field(
+        default=None, metadata={"help": "Column holding the text (default: 'text', else the first column)."}
+    )
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Percent of the train split held out for validation when there is none."}
+    )
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "Length of the packed training blocks (default: the model's n_positions, at most 1024)."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation blocks."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it all."})
+    keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks of .txt files."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for preprocessing."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the cached preprocessed datasets."})
+
+    def __post_init__(self):
+        if self.dataset_name is None and self.train_file is None and self.validation_file is None:
+            self.dataset_name = DEFAULT_PRETRAIN_DATASET
+        if self.dataset_name is not None and (self.train_file or self.validation_file):
+            raise ValueError("Pass either --dataset_name or --train_file / --validation_file, not both.")
+        if not 0 < self.validation_split_percentage < 100:
+            raise ValueError(
+                f"--validation_split_percentage must be in 1..99, got {self.validation_split_percentage}."
+            )
+        if self.block_size is not None and self.block_size <= 0:
+            raise ValueError(f"--block_size must be a positive integer, got {self.block_size}.")
+
+
+def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArguments):
+    """A DatasetDict (IterableDatasetDict when streaming) with `train` and, if possible, `validation`."""
+    if data_args.dataset_name is not None:
+        load_kwargs = dict(path=data_args.dataset_name, name=data_args.dataset_config_name)
+    else:
+        data_files, builder = data_files_and_builder(data_args.train_file, data_args.validation_file, TEXT_FILE_BUILDERS)
+        load_kwargs = dict(path=builder, data_files=data_files)
+        if builder == "text":
+            load_kwargs["keep_linebreaks"] = data_args.keep_linebreaks
+    load_kwargs.update(cache_dir=model_args.cache_dir, token=model_args.token, streaming=data_args.streaming)
+    raw_datasets = load_dataset(**load_kwargs)
+    if "validation" in raw_datasets or "train" not in raw_datasets:
+        return raw_datasets
+    percent = data_args.validation_split_percentage
+    if data_args.streaming:
+        # Every example whose index modulo 100 falls below the percentage goes to validation.
+        train = raw_datasets["train"]
+        return IterableDatasetDict(
+            train=train.filter(lambda _, index: index % 100 >= percent, with_indices=True),
+            validation=train.filter(lambda _, index: index % 100 < percent, with_indices=True),
+        )
+    raw_datasets["validation"] = load_dataset(**load_kwargs, split=f"train[:{percent}%]")
+    raw_datasets["train"] = load_dataset(**load_kwargs, split=f"train[{percent}%:]")
+    return raw_datasets
+
+
+def resolve_block_size(data_args: DataTrainingArguments, config, tokenizer) -> int:
+    limit = min(config.n_positions, tokenizer.model_max_length)
+    if data_args.block_size is None:
+        return min(1024, limit)
+    if data_args.block_size > config.n_positions:
+        raise ValueError(
+            f"--block_size {data_args.block_size} is longer than the model's n_positions ({config.n_positions})."
+        )
+    return data_args.block_size
+
+
+def build_lm_datasets(raw_datasets, data_args: DataTrainingArguments, tokenizer, block_size: int, training_args):
+    """Tokenize, concatenate and cut into blocks of `block_size` tokens (labels = input_ids; the model shifts)."""
+    splits = list(raw_datasets.keys())
+    column_names = list(raw_datasets[splits[0]].features)
+    text_column = data_args.text_column or ("text" if "text" in column_names else column_names[0])
+    if text_column not in column_names:
+        raise ValueError(f"--text_column {text_column!r} is not a column of the dataset; columns: {column_names}.")
+
+    def tokenize(examples):
+        return tokenizer(examples[text_column])
+
+    def group_texts(examples):
+        concatenated = {key: list(chain(*examples[key])) for key in examples}
+        total_length = len(concatenated["input_ids"]) // block_size * block_size  # drop the remainder
+        result = {key: [ids[i : i + block_size] for i in range(0, total_length, block_size)]
+                  for key, ids in concatenated.items()}
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    map_kwargs = {}
+    if not data_args.streaming:
+        map_kwargs = dict(num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not data_args.overwrite_cache)
+    with training_args.main_process_first(desc="dataset map tokenization"):
+        tokenized = raw_datasets.map(tokenize, batched=True, remove_columns=column_names, **map_kwargs)
+    with training_args.main_process_first(desc="grouping texts together"):
+        return tokenized.map(group_texts, batched=True, **map_kwargs)
+
+
+def preprocess_logits_for_metrics(logits, labels):
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)  # keep only the predicted ids, not the (blocks x block_size x vocab) logits
+
+
+def compute_metrics(eval_predictions):
+    predictions, labels = eval_predictions
+    # The prediction at position t is for token t + 1.
+    return {"accuracy": accuracy(np.asarray(predictions)[:, :-1].reshape(-1), np.asarray(labels)[:, 1:].reshape(-1))}
+
+
+def parse_args(argv: list[str] | None):
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def run(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
+    """Train and/or evaluate; return the trainer and all metrics (what `all_results.json` holds)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+    if not (training_args.do_train or training_args.do_eval):
+        raise ValueError("Nothing to do: pass --do_train and/or --do_eval.")
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps (a streamed dataset has no length to count epochs from).")
+    set_seed(training_args.seed)
+
+    raw_datasets = load_raw_datasets(data_args, model_args)
+    tokenizer = build_tokenizer(model_args)
+    config = build_config(model_args)
+    model = build_model(EnergyGPTForCausalLM, model_args, config, tokenizer)
+    model = wrap_with_lora(model, model_args, task_type="CAUSAL_LM")
+
+    block_size = resolve_block_size(data_args, config, tokenizer)
+    lm_datasets = build_lm_datasets(raw_datasets, data_args, tokenizer, block_size, training_args)
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        if "train" not in lm_datasets:
+            raise ValueError("--do_train needs a train split (--train_file or a dataset with one).")
+        train_dataset = limit_samples(lm_datasets["train"], data_args.max_train_samples, data_args.streaming)
+    if training_args.do_eval:
+        if "validation" not in lm_datasets:
+            raise ValueError("--do_eval needs a validation split (--validation_file or a train split to carve).")
+        eval_dataset = limit_samples(lm_datasets["validation"], data_args.max_eval_samples, data_args.streaming)
+    for name, dataset in (("train", train_dataset), ("validation", eval_dataset)):
+        if dataset is not None and not data_args.streaming and len(dataset) == 0:
+            raise ValueError(f"The {name} split has no block of {block_size} tokens; lower --block_size.")
+
+    dataset_names = [data_args.dataset_name] if data_args.dataset_name else None
+    trainer = RecipeTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        compute_metrics=compute_metrics if training_args.do_eval else None,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
+        card_command=recipe_command("pretrain", argv),
+        card_datasets=dataset_names,
+        base_model=model_args.model_name_or_path,
+    )
+
+    all_metrics: dict[str, float] = {}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        save_trained_model(trainer, model_args)
+        metrics = dict(train_result.metrics)
+        metrics["train_samples"] = (
+            data_args.max_train_samples if data_args.streaming else len(train_dataset)
+        )
+        save_results(trainer, "train", metrics)
+        trainer.save_state()
+        all_metrics.update(metrics)
+
+    if training_args.do_eval:
+        logger.info("*** Evaluate ***")
+        metrics = trainer.evaluate()
+        metrics["eval_samples"] = data_args.max_eval_samples if data_args.streaming else len(eval_dataset)
+        metrics["perplexity"] = perplexity(metrics["eval_loss"])
+        save_results(trainer, "eval", metrics)
+        all_metrics.update(metrics)
+
+    if training_args.do_train:
+        finish(trainer, {"finetuned_from": model_args.model_name_or_path, "tasks": "text-generation"})
+    return trainer, all_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

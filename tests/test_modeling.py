@@ -1,0 +1,584 @@
+"""Tests of the EnergyGPT model family (issue 2): the five solvers against a plain reference, exact GPT-2 equivalence,
+causality, generation with the cache and with padding, gradients, loading, config validation and Auto classes.
+
+Everything runs on tiny models (CPU, fp32, offline). The remote-code round trip lives in `test_remote_code.py`.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ATTENTION_IMPLEMENTATIONS, SOLVERS, gpt2_to_energy_state_dict, tiny_config, tiny_gpt2_config
+from safetensors.torch import save_file
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+)
+
+from energy_gpt import EnergyGPTConfig, EnergyGPTForCausalLM, EnergyGPTForSequenceClassification, EnergyGPTModel
+from energy_gpt.modeling.configuration_energy_gpt import ENERGY_GPT_AUTO_MAP
+
+
+SOLVER_PARAM_SUFFIXES = ("momentum_beta", "newton_lambda")
+PAD = 100  # last id of the tiny vocabulary; random inputs below never contain it
+# Every solver, with both NAG lookahead modes: (id, config overrides).
+SOLVER_VARIANTS = [
+    pytest.param({"attention_solver": "gd"}, id="gd"),
+    pytest.param({"attention_solver": "momentum"}, id="momentum"),
+    pytest.param({"attention_solver": "nag", "nag_lookahead": "qkv"}, id="nag-qkv"),
+    pytest.param({"attention_solver": "nag", "nag_lookahead": "query"}, id="nag-query"),
+    pytest.param({"attention_solver": "newton"}, id="newton"),
+    pytest.param({"attention_solver": "newton_light"}, id="newton_light"),
+]
+# Weights with std 0.2 (instead of 0.02) give spread-out logits: solver terms are large enough to test, and argmax
+# decoding has no near-ties.
+WIDE_INIT = {"initializer_range": 0.2}
+
+
+def build(cls=EnergyGPTForCausalLM, attn="eager", **config_overrides):
+    model = cls._from_config(tiny_config(**config_overrides), attn_implementation=attn)
+    assert model.config._attn_implementation == attn
+    return model.eval()
+
+
+@torch.no_grad()
+def set_solver_params(model, betas=(0.7, 0.4, 0.9), lambda_scale=1.0):
+    """Non-zero, layer-dependent beta and head-dependent lambda (of both signs)."""
+    for layer, block in enumerate(model.transformer.h):
+        solver = block.attn.solver
+        if hasattr(solver, "momentum_beta"):
+            solver.momentum_beta.fill_(betas[layer])
+        if hasattr(solver, "newton_lambda"):
+            head_lambdas = torch.tensor([1.0, -0.6, 2.0, 0.3]) * (1.0 + 0.5 * layer)
+            solver.newton_lambda.copy_(lambda_scale * head_lambdas)
+    return model
+
+
+def solver_tensors(model) -> dict[str, torch.Tensor]:
+    return {name: tensor for name, tensor in model.state_dict().items() if name.endswith(SOLVER_PARAM_SUFFIXES)}
+
+
+def left_padded(input_ids: torch.Tensor, pad_lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    input_ids, attention_mask = input_ids.clone(), torch.ones_like(input_ids)
+    for row, length in enumerate(pad_lengths):
+        input_ids[row, :length] = PAD
+        attention_mask[row, :length] = 0
+    return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The reference: DESIGN.md section 2 written as plain loops over tokens and heads, in float64, from the state dict.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def reference_logits(state_dict, config, input_ids, attention_mask=None, position_ids=None):
+    """Logits of EnergyGPT computed token by token and head by head; returns (logits, newton_steps, clamped_steps).
+
+    `newton` uses the explicit d_h x d_h covariance Sigma = sum_i p_i (v_i - mu)(v_i - mu)^T; `newton_light` its
+    diagonal. The step bound: lambda_eff = lambda * bound / max(bound, |lambda| * size(Sigma)), size = trace(Sigma)
+    (newton) or max(diag Sigma) (newton_light). Padding keys get no probability.
+    """
+    weights = {name: tensor.double() for name, tensor in state_dict.items()}
+    solver, lookahead = config.attention_solver, config.nag_lookahead
+    batch, length = input_ids.shape
+    width, n_head = config.n_embd, config.n_head
+    head_dim = width // n_head
+    keep = torch.ones(batch, length, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if position_ids is None:
+        position_ids = torch.arange(length).expand(batch, length)
+    counts = {"newton_steps": 0, "clamped": 0}
+
+    def layer_norm(x, name):
+        return F.layer_norm(x, (width,), weights[f"{name}.weight"], weights[f"{name}.bias"], config.layer_norm_epsilon)
+
+    def linear(x, name):
+        return x @ weights[f"{name}.weight"].T + weights[f"{name}.bias"]
+
+    def attention(layer, query_source, context_source):
+        prefix = f"transformer.h.{layer}"
+        queries = linear(layer_norm(query_source, f"{prefix}.ln_1"), f"{prefix}.attn.c_attn")[..., :width]
+        context = linear(layer_norm(context_source, f"{prefix}.ln_1"), f"{prefix}.attn.c_attn")
+        keys, values = context[..., width : 2 * width], context[..., 2 * width :]
+        heads = torch.zeros(batch, length, width, dtype=torch.float64)
+        for b in range(batch):
+            for t in range(length):
+                visible = [i for i in range(t + 1) if keep[b, i]]
+                if not visible:  # a padding query with no real key: its output is never used
+                    continue
+                for h in range(n_head):
+                    cols = slice(h * head_dim, (h + 1) * head_dim)
+                    q = queries[b, t, cols]
+                    scores = torch.stack([q @ keys[b, i, cols] / math.sqrt(head_dim) for i in visible])
+                    probs = torch.softmax(scores, dim=0)
+                    vs = [values[b, i, cols] for i in visible]
+                    mu = sum(p * v for p, v in zip(probs, vs))
+                    out = mu
+                    if solver in ("newton", "newton_light"):
+                        lam = weights[f"{prefix}.attn.solver.newton_lambda"][h]
+                        sigma = sum(p * torch.outer(v - mu, v - mu) for p, v in zip(probs, vs))
+                        if solver == "newton":
+                            size, step = torch.trace(sigma), sigma @ mu
+                        else:
+                            diagonal = torch.diagonal(sigma)
+                            size, step = diagonal.max(), diagonal * mu
+                        bound = config.newton_step_bound
+                        counts["newton_steps"] += 1
+                        counts["clamped"] += int(abs(lam) * size > bound)
+                        lam_eff = lam * bound / max(bound, abs(lam) * size)
+                        out = mu + lam_eff * step
+                    heads[b, t, cols] = out
+        return linear(heads, f"{prefix}.attn.c_proj")
+
+    x = weights["transformer.wte.weight"][input_ids] + weights["transformer.wpe.weight"][position_ids]
+    momentum = torch.zeros_like(x)
+    for layer in range(config.n_layer):
+        prefix = f"transformer.h.{layer}"
+        if solver in ("gd", "newton", "newton_light"):
+            x = x + attention(layer, x, x)
+        elif solver == "momentum":
+            beta = weights[f"{prefix}.attn.solver.momentum_beta"]
+            momentum = beta * momentum + attention(layer, x, x)
+            x = x + momentum
+        elif solver == "nag":
+            beta = weights[f"{prefix}.attn.solver.momentum_beta"]
+            y = x + beta * momentum
+            gradient_step = attention(layer, y, y if lookahead == "qkv" else x)
+            momentum = beta * momentum + gradient_step
+            x = x + momentum
+        else:
+            raise AssertionError(solver)
+        x = x + linear(gelu_new(linear(layer_norm(x, f"{prefix}.ln_2"), f"{prefix}.mlp.c_fc")), f"{prefix}.mlp.c_proj")
+    x = layer_norm(x, "transformer.ln_f")
+    return x @ weights["transformer.wte.weight"].T, counts["newton_steps"], counts["clamped"]
+
+
+REFERENCE_CASES = [
+    *SOLVER_VARIANTS[:4],
+    # lambda * size(Sigma) stays below the bound everywhere (plain formula) / exceeds it for some tokens (clamped).
+    pytest.param({"attention_solver": "newton", "lambda_scale": 0.002}, id="newton-unbounded"),
+    pytest.param({"attention_solver": "newton", "lambda_scale": 0.2}, id="newton-bounded"),
+    pytest.param({"attention_solver": "newton_light", "lambda_scale": 0.01}, id="newton_light-unbounded"),
+    pytest.param({"attention_solver": "newton_light", "lambda_scale": 1.0}, id="newton_light-bounded"),
+]
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", REFERENCE_CASES)
+def test_solver_matches_reference_loop(case, attn, padded):
+    case = dict(case)
+    lambda_scale = case.pop("lambda_scale", 1.0)
+    model = set_solver_params(build(attn=attn, **WIDE_INIT, **case), lambda_scale=lambda_scale)
+    input_ids = torch.randint(0, PAD, (2, 9))
+    attention_mask = position_ids = None
+    if padded:
+        input_ids, attention_mask = left_padded(input_ids, [0, 3])
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    state_dict = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    expected, newton_steps, clamped = reference_logits(state_dict, model.config, input_ids, attention_mask, position_ids)
+
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    torch.testing.assert_close(logits[real], expected[real].float(), atol=1e-5, rtol=0)
+    if case["attention_solver"].startswith("newton"):
+        # The "-bounded" cases (scale >= 0.2) exercise the step bound for some tokens, the "-unbounded" ones never.
+        assert newton_steps > 0
+        assert (clamped > 0) == (lambda_scale >= 0.2), (clamped, newton_steps)
+
+    # The solver terms are large enough to matter: the same weights with beta = lambda = 0 give other logits.
+    if case["attention_solver"] != "gd":
+        with torch.no_grad():
+            for tensor in solver_tensors(model).values():
+                tensor.zero_()
+            plain = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        assert (plain[real] - logits[real]).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# beta = lambda = 0 is exactly GPT-2.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def gpt2_state_for_energy(gpt2_state: dict) -> dict:
+    state = gpt2_to_energy_state_dict(gpt2_state)
+    # conftest's legacy-buffer filter (`endswith("attn.bias")`) also drops `c_attn.bias`: put those back.
+    state.update({name: value for name, value in gpt2_state.items() if name.endswith("c_attn.bias")})
+    return state
+
+
+def transplant_gpt2(gpt2, energy_model):
+    missing, unexpected = energy_model.load_state_dict(gpt2_state_for_energy(gpt2.state_dict()), strict=False)
+    assert all(name.endswith(SOLVER_PARAM_SUFFIXES) for name in missing), missing
+    assert set(unexpected) <= {"lm_head.weight"}, unexpected  # tied: not in EnergyGPT's state dict
+    return energy_model
+
+
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("variant", SOLVER_VARIANTS)
+def test_zero_solver_params_give_gpt2_logits_exactly(variant, attn):
+    gpt2 = GPT2LMHeadModel._from_config(tiny_gpt2_config(), attn_implementation=attn).eval()
+    model = transplant_gpt2(gpt2, build(attn=attn, momentum_beta=0.0, newton_lambda=0.0, **variant))
+    assert all(not tensor.any() for tensor in solver_tensors(model).values())
+    input_ids, attention_mask = left_padded(torch.randint(0, PAD, (2, 10)), [0, 4])
+    with torch.no_grad():
+        for mask in (None, attention_mask):
+            outputs = model(input_ids, attention_mask=mask, output_hidden_states=True, output_attentions=attn == "eager")
+            expected = gpt2(input_ids, attention_mask=mask, output_hidden_states=True, output_attentions=attn == "eager")
+            assert torch.equal(outputs.logits, expected.logits)
+            # GPT-2 returns 1 + n_layer hidden states, the last one after ln_f: the same layout, bit for bit.
+            assert len(outputs.hidden_states) == len(expected.hidden_states) == model.config.n_layer + 1
+            for ours, theirs in zip(outputs.hidden_states, expected.hidden_states):
+                assert torch.equal(ours, theirs)
+            if attn == "eager":
+                assert len(outputs.attentions) == model.config.n_layer
+                for ours, theirs in zip(outputs.attentions, expected.attentions):
+                    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("variant", SOLVER_VARIANTS)
+def test_zero_solver_params_classifier_matches_gpt2(variant, attn):
+    gpt2 = GPT2ForSequenceClassification._from_config(
+        tiny_gpt2_config(pad_token_id=PAD, num_labels=3), attn_implementation=attn
+    ).eval()
+    model = build(
+        EnergyGPTForSequenceClassification, attn, pad_token_id=PAD, num_labels=3, momentum_beta=0.0,
+        newton_lambda=0.0, **variant,
+    )
+    transplant_gpt2(gpt2, model)
+    input_ids = torch.randint(0, PAD, (3, 8))
+    left_ids, left_mask = left_padded(input_ids, [0, 2, 5])
+    right_ids, right_mask = input_ids.clone(), torch.ones_like(input_ids)
+    right_ids[1, 6:], right_mask[1, 6:] = PAD, 0
+    right_ids[2, 3:], right_mask[2, 3:] = PAD, 0
+    with torch.no_grad():
+        for ids, mask in ((left_ids, left_mask), (right_ids, right_mask)):
+            logits = model(ids, attention_mask=mask).logits
+            assert logits.shape == (3, 3)
+            assert torch.equal(logits, gpt2(ids, attention_mask=mask).logits)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Causality and generation.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("variant", SOLVER_VARIANTS)
+def test_causality(variant, attn):
+    model = set_solver_params(build(attn=attn, **WIDE_INIT, **variant), lambda_scale=0.05)
+    input_ids = torch.randint(0, PAD, (2, 10))
+    changed = input_ids.clone()
+    changed[:, 6:] = (changed[:, 6:] + 17) % PAD
+    with torch.no_grad():
+        logits, changed_logits = model(input_ids).logits, model(changed).logits
+    torch.testing.assert_close(changed_logits[:, :6], logits[:, :6], atol=1e-6, rtol=0)
+    assert (changed_logits[:, 6:] - logits[:, 6:]).abs().max() > 1e-3
+
+
+def generation_model(variant, attn):
+    # No eos: every generation runs its full length, so the token ids compare position by position.
+    model = build(attn=attn, **WIDE_INIT, **variant, bos_token_id=None, eos_token_id=None, pad_token_id=PAD)
+    return set_solver_params(model, lambda_scale=0.05)
+
+
+def greedy(model, input_ids, attention_mask=None, **kwargs):
+    return model.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD, **kwargs
+    )
+
+
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("variant", SOLVER_VARIANTS)
+def test_greedy_generation_with_cache_equals_without(variant, attn):
+    model = generation_model(variant, attn)
+    input_ids = torch.randint(0, PAD, (2, 5))
+    cached = greedy(model, input_ids, use_cache=True, output_scores=True, return_dict_in_generate=True)
+    uncached = greedy(model, input_ids, use_cache=False, output_scores=True, return_dict_in_generate=True)
+    assert cached.sequences.shape == (2, 11)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for cached_scores, uncached_scores in zip(cached.scores, uncached.scores):
+        torch.testing.assert_close(cached_scores, uncached_scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("variant", SOLVER_VARIANTS)
+def test_batched_left_padded_generation_equals_one_by_one(variant, attn):
+    model = generation_model(variant, attn)
+    prompts = [torch.randint(0, PAD, (length,)) for length in (5, 8, 3)]
+    longest = max(len(prompt) for prompt in prompts)
+    batch_ids = torch.full((len(prompts), longest), PAD)
+    batch_mask = torch.zeros_like(batch_ids)
+    for row, prompt in enumerate(prompts):
+        batch_ids[row, longest - len(prompt) :] = prompt
+        batch_mask[row, longest - len(prompt) :] = 1
+    batched = greedy(model, batch_ids, batch_mask)[:, longest:]
+    for row, prompt in enumerate(prompts):
+        alone = greedy(model, prompt.unsqueeze(0))[:, len(prompt) :]
+        assert torch.equal(batched[row], alone[0]), (row, batched[row], alone[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training: gradient checkpointing, learned / fixed solver parameters.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def loss_and_gradients(model, input_ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids, labels=input_ids, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {name: param.grad.clone() for name, param in model.named_parameters()}
+
+
+@pytest.mark.parametrize("variant", SOLVER_VARIANTS)
+def test_gradient_checkpointing_gives_same_gradients(variant):
+    model = set_solver_params(build(**WIDE_INIT, **variant), lambda_scale=0.05).train()
+    input_ids = torch.randint(0, PAD, (2, 8))
+    loss, gradients = loss_and_gradients(model, input_ids)
+
+    block_calls = []  # the checkpoint wraps the block's `forward`: count calls of a module inside it
+    model.transformer.h[0].mlp.register_forward_hook(lambda *args: block_calls.append(1))
+    model.gradient_checkpointing_enable()
+    assert model.transformer.gradient_checkpointing and model.is_gradient_checkpointing
+    checkpointed_loss, checkpointed_gradients = loss_and_gradients(model, input_ids)
+    assert len(block_calls) == 2  # forward, then recomputed in backward: checkpointing really ran
+
+    assert torch.equal(loss, checkpointed_loss)
+    assert gradients.keys() == checkpointed_gradients.keys()
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(checkpointed_gradients[name], gradient, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("variant", SOLVER_VARIANTS[1:])
+def test_learned_solver_params_receive_gradients(variant):
+    model = set_solver_params(build(**WIDE_INIT, **variant, learn_solver_params=True), lambda_scale=0.05).train()
+    parameters = dict(model.named_parameters())
+    solver_names = list(solver_tensors(model))
+    assert len(solver_names) == model.config.n_layer and all(name in parameters for name in solver_names)
+    before = {name: parameters[name].detach().clone() for name in solver_names}
+    _, gradients = loss_and_gradients(model, torch.randint(0, PAD, (2, 8)))
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    for name in solver_names:
+        assert gradients[name].abs().sum() > 0, name
+        assert not torch.equal(parameters[name].detach(), before[name]), name
+
+
+@pytest.mark.parametrize("variant", SOLVER_VARIANTS[1:])
+def test_fixed_solver_params_are_constant_buffers(variant):
+    model = set_solver_params(build(**WIDE_INIT, **variant, learn_solver_params=False), lambda_scale=0.05).train()
+    solver_names = list(solver_tensors(model))
+    assert len(solver_names) == model.config.n_layer
+    assert not set(solver_names) & {name for name, _ in model.named_parameters()}
+    assert set(solver_names) <= {name for name, _ in model.named_buffers()}
+    before = {name: tensor.clone() for name, tensor in solver_tensors(model).items()}
+    weight_before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
+    loss_and_gradients(model, torch.randint(0, PAD, (2, 8)))
+    torch.optim.AdamW(model.parameters(), lr=0.1).step()
+    assert not torch.equal(model.transformer.h[0].attn.c_attn.weight, weight_before)  # the step did happen
+    for name, tensor in solver_tensors(model).items():
+        assert not tensor.requires_grad
+        assert torch.equal(tensor, before[name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving and loading.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def assert_all_finite(model):
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        assert torch.isfinite(tensor).all(), name
+
+
+@pytest.mark.parametrize("learn", [True, False], ids=["learned", "fixed"])
+@pytest.mark.parametrize("variant", SOLVER_VARIANTS)
+def test_save_load_round_trip_is_exact_and_initialised(variant, learn, tmp_path):
+    model = build(**variant, momentum_beta=0.3, newton_lambda=0.25, learn_solver_params=learn)
+    model.save_pretrained(tmp_path)
+    loaded = EnergyGPTForCausalLM.from_pretrained(tmp_path).eval()
+
+    assert_all_finite(loaded)
+    for name, tensor in solver_tensors(loaded).items():
+        assert torch.equal(tensor, torch.full_like(tensor, 0.3 if name.endswith("momentum_beta") else 0.25)), name
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # still tied
+    original, reloaded = model.state_dict(), loaded.state_dict()
+    assert original.keys() == reloaded.keys()
+    for name, tensor in original.items():
+        assert torch.equal(tensor, reloaded[name]), name
+    input_ids = torch.randint(0, PAD, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, loaded(input_ids).logits)
+
+
+@pytest.mark.parametrize("learn", [True, False], ids=["learned", "fixed"])
+@pytest.mark.parametrize("solver", ["momentum", "nag", "newton", "newton_light"])
+def test_gpt2_shaped_checkpoint_gets_solver_params_from_config(solver, learn, tmp_path):
+    """A checkpoint without solver tensors (a GPT-2 transplant) loads them from the config's init value, not
+    from uninitialised memory."""
+    config = tiny_config(attention_solver=solver, momentum_beta=0.3, newton_lambda=0.25, learn_solver_params=learn)
+    config.save_pretrained(tmp_path)
+    gpt2_state = gpt2_state_for_energy(GPT2LMHeadModel(tiny_gpt2_config()).state_dict())
+    gpt2_state.pop("lm_head.weight")  # Hub GPT-2 checkpoints do not store the tied head
+    save_file(gpt2_state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+    loaded = EnergyGPTForCausalLM.from_pretrained(tmp_path)
+    assert_all_finite(loaded)
+    solver_state = solver_tensors(loaded)
+    assert len(solver_state) == config.n_layer
+    for name, tensor in solver_state.items():
+        assert torch.equal(tensor, torch.full_like(tensor, 0.3 if name.endswith("momentum_beta") else 0.25)), name
+    for name, tensor in gpt2_state.items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert torch.equal(loaded.lm_head.weight, gpt2_state["transformer.wte.weight"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", SOLVER_VARIANTS)
+def test_hidden_states_and_attentions(variant):
+    model = set_solver_params(build(**WIDE_INIT, **variant), lambda_scale=0.05)
+    input_ids = torch.randint(0, PAD, (2, 6))
+    with torch.no_grad():
+        outputs = model(input_ids, output_hidden_states=True, output_attentions=True)
+        embeddings = model.transformer.wte(input_ids) + model.transformer.wpe(torch.arange(6))
+        last_hidden_state = model.transformer(input_ids).last_hidden_state
+    n_layer, n_head = model.config.n_layer, model.config.n_head
+    assert len(outputs.hidden_states) == n_layer + 1
+    assert torch.equal(outputs.hidden_states[0], embeddings)
+    assert torch.equal(outputs.hidden_states[-1], last_hidden_state)
+    assert len(outputs.attentions) == n_layer
+    for weights in outputs.attentions:
+        assert weights.shape == (2, n_head, 6, 6)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, n_head, 6))
+        assert not weights.triu(1).any()  # causal
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_config_keeps_every_gpt2_field_and_default():
+    gpt2_fields = GPT2Config().to_dict()
+    ours = EnergyGPTConfig().to_dict()
+    for name, value in gpt2_fields.items():
+        if name not in ("model_type", "transformers_version"):
+            assert ours[name] == value, name
+    assert ours["model_type"] == "energy_gpt"
+
+    converted = EnergyGPTConfig(**tiny_gpt2_config().to_dict())
+    for name, value in tiny_gpt2_config().to_dict().items():
+        if name not in ("model_type", "transformers_version"):
+            assert getattr(converted, name) == value, name
+    assert converted.to_dict()["model_type"] == "energy_gpt"
+    assert (converted.attention_solver, converted.nag_lookahead, converted.learn_solver_params) == ("gd", "qkv", True)
+    assert 0.0 <= converted.momentum_beta < 1.0
+
+
+def test_config_attribute_map():
+    config = tiny_config()
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (32, 4, 3)
+    assert config.max_position_embeddings == config.n_positions == 64
+    config.hidden_size = 64
+    assert config.n_embd == 64
+    standard = EnergyGPTConfig(hidden_size=48, num_attention_heads=6, num_hidden_layers=2, max_position_embeddings=32)
+    assert (standard.n_embd, standard.n_head, standard.n_layer, standard.n_positions) == (48, 6, 2, 32)
+
+
+BAD_CONFIG_VALUES = [
+    pytest.param({"attention_solver": "adam"}, "attention_solver", id="unknown-solver"),
+    pytest.param({"momentum_beta": 1.0}, "momentum_beta", id="beta-one"),
+    pytest.param({"momentum_beta": -0.1}, "momentum_beta", id="beta-negative"),
+    pytest.param({"n_embd": 30}, "n_embd", id="n_embd-not-divisible-by-n_head"),
+    pytest.param({"n_layer": -1}, "n_layer", id="negative-n_layer"),
+    pytest.param({"vocab_size": -5}, "vocab_size", id="negative-vocab"),
+    pytest.param({"n_head": 0}, "n_head", id="zero-heads"),
+    pytest.param({"nag_lookahead": "keys"}, "nag_lookahead", id="bad-lookahead"),
+    pytest.param({"newton_step_bound": 1.5}, "newton_step_bound", id="bad-step-bound"),
+    pytest.param({"newton_lambda": float("nan")}, "newton_lambda", id="nan-lambda"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "field"), BAD_CONFIG_VALUES)
+def test_config_rejects_bad_values_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field) as error:
+        tiny_config(**overrides)
+    if field != "n_embd":
+        assert repr(next(iter(overrides.values()))) in str(error.value)
+    if field == "attention_solver":
+        assert all(solver in str(error.value) for solver in SOLVERS)
+
+
+@pytest.fixture
+def saved_model_dir(tmp_path):
+    build(attention_solver="momentum").save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_bad_overrides_in_from_pretrained_and_from_config(saved_model_dir):
+    with pytest.raises(ValueError, match="attention_solver.*'bad'"):
+        EnergyGPTForCausalLM.from_pretrained(saved_model_dir, attention_solver="bad")
+    with pytest.raises(ValueError, match="attention_solver.*'bad'"):
+        AutoModelForCausalLM.from_pretrained(saved_model_dir, attention_solver="bad")
+    with pytest.raises(ValueError, match="momentum_beta.*1.5"):
+        AutoConfig.from_pretrained(saved_model_dir, momentum_beta=1.5)
+    with pytest.raises(ValueError, match="nag_lookahead"):
+        AutoConfig.from_pretrained(saved_model_dir, nag_lookahead="kv")
+
+    config = AutoConfig.from_pretrained(saved_model_dir)
+    with pytest.raises(ValueError, match="attention_solver"):
+        config.attention_solver = "bad"  # checked on assignment
+    # Even a mutation that bypasses the assignment check is caught when a model is built from the config.
+    config.__dict__["momentum_beta"] = 1.5
+    with pytest.raises(ValueError, match="momentum_beta"):
+        AutoModelForCausalLM.from_config(config)
+    config.__dict__["momentum_beta"] = 0.5
+    config.__dict__["n_head"] = 5
+    with pytest.raises(ValueError, match="n_embd"):
+        AutoModelForCausalLM.from_config(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Auto classes and what `save_pretrained` writes.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_auto_classes_are_registered():
+    assert type(AutoConfig.for_model("energy_gpt")) is EnergyGPTConfig
+    config = tiny_config()
+    assert type(AutoModel.from_config(config)) is EnergyGPTModel
+    assert type(AutoModelForCausalLM.from_config(config)) is EnergyGPTForCausalLM
+    assert type(AutoModelForSequenceClassification.from_config(config)) is EnergyGPTForSequenceClassification
+
+
+@pytest.mark.parametrize("cls", [EnergyGPTForCausalLM, EnergyGPTForSequenceClassification, EnergyGPTModel])
+def test_save_pretrained_writes_auto_map_and_model_files(cls, tmp_path):
+    import json
+
+    build(cls, attention_solver="newton", pad_token_id=PAD).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "energy_gpt"
+    assert saved["auto_map"] == ENERGY_GPT_AUTO_MAP and len(saved["auto_map"]) == 4
+    for filename in ("configuration_energy_gpt.py", "modeling_energy_gpt.py", "solvers_energy_gpt.py"):
+        assert (tmp_path / filename).is_file(), filename
+    auto_class = {
+        EnergyGPTForCausalLM: AutoModelForCausalLM,
+        EnergyGPTForSequenceClassification: AutoModelForSequenceClassification,
+        EnergyGPTModel: AutoModel,
+    }[cls]
+    assert type(auto_class.from_pretrained(tmp_path)) is cls

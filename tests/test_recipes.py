@@ -1,0 +1,393 @@
+"""The `pretrain` and `glue` recipes end to end on tiny models and small slices of real data (offline), their
+metrics against known values, LoRA save / reload / merge, push_to_hub through a fake Hub, and two-process DDP."""
+
+import csv
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT, shared_data_path
+
+
+TINY_OVERRIDES = "n_layer=2,n_embd=32,n_head=4,n_positions=64,resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0"
+QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--log_level", "warning", "--seed", "0"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fixtures: data slices and a tiny byte-level BPE tokenizer (GPT-2 style: eos, no pad token) for fast LM runs.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shakespeare_files(tmp_path_factory) -> tuple[Path, Path]:
+    text = shared_data_path("tinyshakespeare", "input.txt").read_text()
+    folder = tmp_path_factory.mktemp("shakespeare")
+    (folder / "train.txt").write_text(text[:40_000])
+    (folder / "valid.txt").write_text(text[-6_000:])
+    return folder / "train.txt", folder / "valid.txt"
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer_dir(tmp_path_factory, shakespeare_files) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([shakespeare_files[0].read_text()], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>", model_max_length=64
+    )
+    out = tmp_path_factory.mktemp("tiny-tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+def glue_split(tmp_path: Path, task: str, n_train: int, n_eval: int) -> tuple[Path, Path]:
+    """First `n_train` rows as train, the next `n_eval` as validation, in the file's own format."""
+    source = shared_data_path("glue", task, "train.tsv")
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    if task == "sst2":  # unquoted TSV: lines are rows
+        header, rows = lines[0], lines[1:]
+        train, valid = tmp_path / f"{task}_train.tsv", tmp_path / f"{task}_valid.tsv"
+        train.write_text(header + "".join(rows[:n_train]), encoding="utf-8")
+        valid.write_text(header + "".join(rows[n_train : n_train + n_eval]), encoding="utf-8")
+        return train, valid
+    with source.open(newline="", encoding="utf-8") as handle:  # quoted TSV: rows may span lines
+        rows = list(csv.reader(handle, delimiter="\t"))
+    paths = []
+    for name, chunk in (("train", rows[1 : 1 + n_train]), ("valid", rows[1 + n_train : 1 + n_train + n_eval])):
+        path = tmp_path / f"{task}_{name}.tsv"
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, delimiter="\t")
+            writer.writerows([rows[0], *chunk])
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def pretrain_args(tokenizer_dir, train, valid, output_dir, *extra) -> list[str]:
+    return [
+        "--train_file", str(train), "--validation_file", str(valid), "--tokenizer_name", str(tokenizer_dir),
+        "--config_overrides", TINY_OVERRIDES, "--block_size", "32", "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "16", "--learning_rate", "3e-3", "--output_dir", str(output_dir),
+        "--cache_dir", str(Path(output_dir).parent / "hf-datasets-cache"), *QUIET, *extra,
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Metrics: known predictions for every task type.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_glue_metrics_known_values():
+    from energy_gpt.recipes.metrics import GLUE_TASK_METRICS, glue_metrics
+
+    refs = [1, 1, 0, 0, 1, 0]
+    preds = [1, 0, 0, 1, 1, 0]  # TP=2, TN=2, FP=1, FN=1
+    # MCC = (TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)) = (4 - 1) / 9
+    assert glue_metrics("cola", preds, refs) == pytest.approx({"matthews_correlation": 3 / 9})
+    for task in ("sst2", "qnli", "rte", "wnli"):
+        assert glue_metrics(task, preds, refs) == pytest.approx({"accuracy": 4 / 6})
+    for task in ("mrpc", "qqp"):  # F1 = 2TP / (2TP + FP + FN) = 4 / 6
+        assert glue_metrics(task, preds, refs) == pytest.approx({"accuracy": 4 / 6, "f1": 4 / 6})
+    # mnli, three classes: accuracy only.
+    assert glue_metrics("mnli", [0, 1, 2, 2], [0, 1, 1, 2]) == pytest.approx({"accuracy": 0.75})
+    # stsb: perfect linear relation -> pearson 1; monotone but not linear -> spearman 1, pearson < 1.
+    scores = glue_metrics("stsb", [0.0, 1.0, 8.0, 27.0], [0.0, 1.0, 2.0, 3.0])
+    assert scores["spearmanr"] == pytest.approx(1.0) and 0.9 < scores["pearson"] < 0.999
+    assert glue_metrics("stsb", [1.0, 3.0, 5.0], [0.0, 1.0, 2.0]) == pytest.approx({"pearson": 1.0, "spearmanr": 1.0})
+    # Degenerate cases: constant predictions give MCC 0 (sklearn's convention), no positives give F1 0.
+    assert glue_metrics("cola", [1, 1, 1], [0, 1, 0])["matthews_correlation"] == 0.0
+    assert glue_metrics("mrpc", [0, 0], [0, 0])["f1"] == 0.0
+    assert set(GLUE_TASK_METRICS) == {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"}
+    with pytest.raises(ValueError, match="Unknown GLUE task 'mnli-mm'"):
+        glue_metrics("mnli-mm", preds, refs)
+
+
+def test_metrics_agree_with_sklearn_on_random_labels():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    from energy_gpt.recipes.metrics import binary_f1, matthews_correlation
+
+    rng = np.random.default_rng(0)
+    for n_classes in (2, 3):
+        refs, preds = rng.integers(0, n_classes, 200), rng.integers(0, n_classes, 200)
+        preds[:120] = refs[:120]
+        assert matthews_correlation(preds, refs) == pytest.approx(sklearn_metrics.matthews_corrcoef(refs, preds))
+    refs, preds = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    assert binary_f1(preds, refs) == pytest.approx(sklearn_metrics.f1_score(refs, preds))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pretrain
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_pretrain_lowers_validation_loss_and_writes_results(tmp_path, tiny_tokenizer_dir, shakespeare_files):
+    from energy_gpt.recipes import pretrain
+
+    output_dir = tmp_path / "run"
+    argv = pretrain_args(
+        tiny_tokenizer_dir, *shakespeare_files, output_dir, "--do_train", "--do_eval", "--max_steps", "30",
+        "--eval_strategy", "steps", "--eval_steps", "30", "--eval_on_start", "true", "--save_strategy", "no",
+        "--attention_solver", "momentum", "--momentum_beta", "0.3",
+    )
+    assert pretrain.main(argv) == 0
+
+    history = read_json(output_dir / "trainer_state.json")["log_history"]
+    eval_losses = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
+    assert eval_losses[0][0] == 0 and eval_losses[-1][0] == 30
+    assert eval_losses[-1][1] < eval_losses[0][1] - 0.5, eval_losses  # from ~ln(320) = 5.8 down
+
+    eval_results = read_json(output_dir / "eval_results.json")
+    assert eval_results["perplexity"] == pytest.approx(math.exp(eval_results["eval_loss"]))
+    assert {"eval_loss", "eval_accuracy", "eval_samples", "perplexity"} <= set(eval_results)
+    all_results = read_json(output_dir / "all_results.json")
+    assert {"train_loss", "train_samples", "eval_loss", "perplexity"} <= set(all_results)
+    assert "train_runtime" in read_json(output_dir / "train_results.json")
+
+    # The saved folder is a complete EnergyGPT checkpoint: solver flags applied, remote code, auto_map, tokenizer, card.
+    config = read_json(output_dir / "config.json")
+    assert config["attention_solver"] == "momentum" and config["momentum_beta"] == 0.3 and config["n_layer"] == 2
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_energy_gpt.EnergyGPTForCausalLM"
+    for name in ("modeling_energy_gpt.py", "configuration_energy_gpt.py", "tokenizer.json", "README.md"):
+        assert (output_dir / name).is_file(), name
+    assert "energy-gpt pretrain" in (output_dir / "README.md").read_text()
+
+
+def test_pretrain_resume_continues_from_the_checkpoint_step(tmp_path, tiny_tokenizer_dir, shakespeare_files):
+    from energy_gpt.recipes import pretrain
+
+    common = ["--do_train", "--max_steps", "6", "--save_steps", "3", "--logging_steps", "1"]
+    full, _ = pretrain.run(pretrain_args(tiny_tokenizer_dir, *shakespeare_files, tmp_path / "full", *common))
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert read_json(checkpoint / "trainer_state.json")["global_step"] == 3
+
+    resumed, _ = pretrain.run(pretrain_args(
+        tiny_tokenizer_dir, *shakespeare_files, tmp_path / "resumed", *common,
+        "--resume_from_checkpoint", str(checkpoint),
+    ))
+    state = read_json(tmp_path / "resumed" / "trainer_state.json")
+    assert state["global_step"] == 6
+    train_logs = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert train_logs == [1, 2, 3, 4, 5, 6]  # steps 1-3 come from the checkpoint's history, 4-6 are new
+    # Same data order, optimizer and scheduler state: the resumed run ends on the uninterrupted run's weights.
+    full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()
+    for name, tensor in full_state.items():
+        torch.testing.assert_close(resumed_state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_pretrain_rejects_bad_arguments(tmp_path, tiny_tokenizer_dir, shakespeare_files):
+    from energy_gpt.recipes import pretrain
+
+    with pytest.raises(ValueError, match="attention_solver"):
+        pretrain.run(pretrain_args(tiny_tokenizer_dir, *shakespeare_files, tmp_path / "a", "--do_train",
+                                   "--config_overrides", "attention_solver=adam"))
+    with pytest.raises(ValueError, match="--block_size 128 is longer than the model's n_positions"):
+        pretrain.run(pretrain_args(tiny_tokenizer_dir, *shakespeare_files, tmp_path / "b", "--do_train",
+                                   "--block_size", "128"))
+    bad_file = tmp_path / "train.docx"
+    bad_file.write_text("x")
+    with pytest.raises(ValueError, match=r"--train_file .*unsupported extension 'docx'"):
+        pretrain.run(pretrain_args(tiny_tokenizer_dir, bad_file, shakespeare_files[1], tmp_path / "c", "--do_train"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# glue
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def glue_args(task, train, valid, tokenizer_dir, output_dir, *extra) -> list[str]:
+    quoting = ["--tsv_quoting", "none"] if task == "sst2" else []
+    return [
+        "--task_name", task, "--train_file", str(train), "--validation_file", str(valid),
+        "--tokenizer_name", str(tokenizer_dir), "--max_seq_length", "64", "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "16", "--learning_rate", "1e-3", "--output_dir", str(output_dir),
+        "--save_strategy", "no", "--cache_dir", str(Path(output_dir).parent / "hf-datasets-cache"),
+        *quoting, *QUIET, *extra,
+    ]
+
+
+@pytest.mark.parametrize("task", ["sst2", "rte"])
+def test_glue_writes_the_task_metrics(tmp_path, gpt2_tokenizer_dir, task):
+    from energy_gpt.recipes import glue
+
+    train, valid = glue_split(tmp_path, task, n_train=48, n_eval=24)
+    output_dir = tmp_path / "run"
+    trainer, _ = glue.run(glue_args(
+        task, train, valid, gpt2_tokenizer_dir, output_dir, "--config_overrides", TINY_OVERRIDES,
+        "--attention_solver", "newton", "--do_train", "--do_eval", "--max_steps", "3",
+    ))
+    eval_results = read_json(output_dir / "eval_results.json")
+    assert {"eval_loss", "eval_accuracy", "eval_samples"} <= set(eval_results)
+    assert "eval_matthews_correlation" not in eval_results and "eval_f1" not in eval_results
+    assert eval_results["eval_samples"] == 24 and 0.0 <= eval_results["eval_accuracy"] <= 1.0
+    assert read_json(output_dir / "train_results.json")["train_samples"] == 48
+    # GPT-2 tokenizer: padding with eos, and the classifier knows it (it pools the last non-pad token).
+    config = read_json(output_dir / "config.json")
+    assert config["pad_token_id"] == 50256 and config["attention_solver"] == "newton"
+    assert config["id2label"] == {str(i): name for i, name in enumerate(glue.TASK_LABEL_NAMES[task])}
+    assert config["finetuning_task"] == task
+    assert config["auto_map"]["AutoModelForSequenceClassification"].endswith("EnergyGPTForSequenceClassification")
+
+
+@pytest.fixture(scope="module")
+def tiny_base_checkpoint(tmp_path_factory) -> Path:
+    """A tiny EnergyGPT causal-LM checkpoint with GPT-2's vocabulary (what `pretrain` would leave)."""
+    from energy_gpt import EnergyGPTConfig, EnergyGPTForCausalLM
+
+    torch.manual_seed(0)
+    config = EnergyGPTConfig(n_layer=2, n_embd=32, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                             attn_pdrop=0.0, attention_solver="nag", momentum_beta=0.4)
+    out = tmp_path_factory.mktemp("base")
+    EnergyGPTForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def test_glue_lora_adapter_reloads_and_merge_gives_the_same_logits(tmp_path, gpt2_tokenizer_dir, tiny_base_checkpoint):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from energy_gpt import EnergyGPTForSequenceClassification
+    from energy_gpt.recipes import glue
+
+    train, valid = glue_split(tmp_path, "rte", n_train=32, n_eval=8)
+    output_dir = tmp_path / "lora"
+    trainer, metrics = glue.run(glue_args(
+        "rte", train, valid, gpt2_tokenizer_dir, output_dir, "--model_name_or_path", str(tiny_base_checkpoint),
+        "--use_lora", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--merge_lora",
+        "--do_train", "--do_eval", "--max_steps", "4", "--learning_rate", "1e-2",
+    ))
+    adapter_dir = output_dir / "lora_adapter"
+    adapter_config = read_json(adapter_dir / "adapter_config.json")
+    assert set(adapter_config["target_modules"]) == {"c_attn", "c_proj"} and "score" in adapter_config["modules_to_save"]
+    assert "eval_accuracy" in metrics
+
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    batch = tokenizer(["A short premise.", "A much longer premise sentence with more tokens in it."],
+                      ["Hypothesis one.", "Hypothesis two."], padding=True, return_tensors="pt")
+    assert (batch["input_ids"] == tokenizer.pad_token_id).any()  # the padding path is exercised
+
+    # The adapter on a fresh copy of the base model gives the trained model's outputs.
+    base = EnergyGPTForSequenceClassification.from_pretrained(tiny_base_checkpoint, num_labels=2, pad_token_id=50256)
+    with torch.no_grad():
+        base_logits = base(**batch).logits.clone()
+        adapted = PeftModel.from_pretrained(base, adapter_dir).eval()
+        adapter_logits = adapted(**batch).logits
+        merged = AutoModelForSequenceClassification.from_pretrained(output_dir).eval()  # the merged full model
+        merged_logits = merged(**batch).logits
+        trained_logits = trainer.model.eval()(**batch).logits
+    assert not torch.allclose(adapter_logits, base_logits, atol=1e-4)  # training changed something
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(trained_logits, adapter_logits, rtol=1e-4, atol=1e-5)
+    # The merged model is a plain EnergyGPT model with the base's solver and no LoRA weights.
+    assert type(merged).__name__ == "EnergyGPTForSequenceClassification" and merged.config.attention_solver == "nag"
+    assert not any("lora" in name for name in merged.state_dict())
+
+
+def test_pretrain_lora_saves_only_the_adapter(tmp_path, tiny_tokenizer_dir, shakespeare_files):
+    from energy_gpt.recipes import pretrain
+
+    output_dir = tmp_path / "lora-lm"
+    pretrain.run(pretrain_args(tiny_tokenizer_dir, *shakespeare_files, output_dir, "--do_train", "--max_steps", "2",
+                               "--use_lora", "--lora_target_modules", "c_attn,c_fc", "--save_strategy", "no"))
+    assert set(read_json(output_dir / "adapter_config.json")["target_modules"]) == {"c_attn", "c_fc"}
+    assert (output_dir / "adapter_model.safetensors").is_file() and not (output_dir / "model.safetensors").exists()
+
+    with pytest.raises(ValueError, match="--lora_target_modules 'q_proj'"):
+        pretrain.run(pretrain_args(tiny_tokenizer_dir, *shakespeare_files, tmp_path / "bad", "--do_train",
+                                   "--max_steps", "1", "--use_lora", "--lora_target_modules", "q_proj"))
+
+
+def test_push_to_hub_uploads_a_complete_checkpoint(tmp_path, monkeypatch, gpt2_tokenizer_dir):
+    """--push_to_hub goes through TrainingArguments / Trainer; a fake Hub API records what would be uploaded."""
+    import transformers.trainer
+
+    from energy_gpt.recipes import glue
+
+    uploads = []
+
+    class FakeHubApi:
+        def create_repo(self, repo_id, **kwargs):
+            return type("RepoUrl", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):
+            files = {str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()}
+            uploads.append((repo_id, files, (Path(folder_path) / "README.md").read_text()))
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", FakeHubApi)
+    train, valid = glue_split(tmp_path, "sst2", n_train=16, n_eval=8)
+    glue.run(glue_args(
+        "sst2", train, valid, gpt2_tokenizer_dir, tmp_path / "push", "--config_overrides", TINY_OVERRIDES,
+        "--do_train", "--max_steps", "1", "--push_to_hub", "--hub_model_id", "someone/energy-gpt-sst2",
+    ))
+    assert len(uploads) == 1
+    repo_id, files, card = uploads[0]
+    assert repo_id == "someone/energy-gpt-sst2"
+    expected = {"config.json", "model.safetensors", "modeling_energy_gpt.py", "configuration_energy_gpt.py",
+                "solvers_energy_gpt.py", "tokenizer.json", "tokenizer_config.json", "README.md"}
+    assert expected <= files, expected - files
+    assert "energy-gpt glue" in card and "--push_to_hub" in card
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Two processes (torchrun, gloo on CPU)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+DDP_DRIVER = """
+import hashlib, json, os, sys
+import torch
+from energy_gpt.recipes import pretrain
+
+trainer, _ = pretrain.run(sys.argv[1:])
+model = trainer.accelerator.unwrap_model(trainer.model)
+digest = hashlib.sha256()
+for name, tensor in sorted(model.state_dict().items()):
+    digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+report = {
+    "sha256": digest.hexdigest(),
+    "world_size": trainer.args.world_size,
+    "ddp": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel),
+    "global_step": trainer.state.global_step,
+}
+with open(os.path.join(os.environ["CHECKSUM_DIR"], f"rank{os.environ['RANK']}.json"), "w") as handle:
+    json.dump(report, handle)
+"""
+
+
+def test_torchrun_two_processes_agree_on_the_final_weights(tmp_path, tiny_tokenizer_dir, shakespeare_files):
+    driver = tmp_path / "ddp_driver.py"
+    driver.write_text(DDP_DRIVER)
+    output_dir = tmp_path / "ddp"
+    args = pretrain_args(tiny_tokenizer_dir, *shakespeare_files, output_dir, "--do_train", "--max_steps", "4",
+                         "--save_strategy", "no", "--per_device_train_batch_size", "4", "--dataloader_num_workers", "0")
+    env = {**os.environ, "CHECKSUM_DIR": str(tmp_path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(driver), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+    reports = [read_json(tmp_path / f"rank{rank}.json") for rank in (0, 1)]
+    assert all(report["world_size"] == 2 and report["ddp"] and report["global_step"] == 4 for report in reports)
+    assert reports[0]["sha256"] == reports[1]["sha256"]
+    # Only the main process writes the run's files, and they are complete.
+    train_results = read_json(output_dir / "train_results.json")
+    assert train_results["train_samples"] > 0 and (output_dir / "model.safetensors").is_file()
