@@ -235,7 +235,7 @@ def _check_model_type(config: dict[str, Any], accepted: tuple[str, ...], where: 
     if model_type not in accepted:
         architectures = config.get("architectures") or []
         found = f"model_type={model_type!r}" + (f" ({', '.join(architectures)})" if architectures else "")
-        raise ConversionError(f"{where} is not a {hint} checkpoint: found {found}; accepted model_type: {list(accepted)}.")
+        raise ConversionError(f"{where} is not {hint} checkpoint: found {found}; accepted model_type: {list(accepted)}.")
 
 
 def load_source(
@@ -372,7 +372,7 @@ def gpt2_to_energy_gpt(
     if attention_solver not in ATTENTION_SOLVERS:
         raise ConversionError(f"--attention_solver must be one of {list(ATTENTION_SOLVERS)}, got {attention_solver!r}.")
     source = model_or_path if isinstance(model_or_path, SourceCheckpoint) else load_source(
-        model_or_path, GPT2_MODEL_TYPES, "GPT-2", revision
+        model_or_path, GPT2_MODEL_TYPES, "a GPT-2", revision
     )
     target_dtype = _resolve_dtype(dtype, source.config)
     state_dict = source.state_dict()
@@ -441,7 +441,7 @@ def energy_gpt_to_gpt2(
     """Convert an EnergyGPT model whose solver reduces to GPT-2 into `GPT2LMHeadModel` (or
     `GPT2ForSequenceClassification` for a classifier). Raises `ConversionError` otherwise (see module docstring)."""
     source = model_or_path if isinstance(model_or_path, SourceCheckpoint) else load_source(
-        model_or_path, ENERGY_GPT_MODEL_TYPES, "EnergyGPT", revision
+        model_or_path, ENERGY_GPT_MODEL_TYPES, "an EnergyGPT", revision
     )
     target_dtype = _resolve_dtype(dtype, source.config)
     state_dict = {_canonical_key(key): tensor for key, tensor in source.state_dict().items()}
@@ -542,14 +542,14 @@ def convert_gpt2_checkpoint(
     The directory appears only once complete (any failure leaves nothing behind); an existing non-empty
     `output_dir` is refused unless `overwrite`.
     """
-    # Input errors (missing path, not a GPT-2) are raised before anything is created on disk.
-    source = load_source(model_name_or_path, GPT2_MODEL_TYPES, "GPT-2", revision)
+    source = load_source(model_name_or_path, GPT2_MODEL_TYPES, "a GPT-2", revision)
     command = command or _equivalent_command(
         model_name_or_path, output_dir, attention_solver=attention_solver, task=task, num_labels=num_labels,
         revision=revision, dtype=dtype, overwrite=overwrite, **config_overrides,
     )
+    # Convert before touching the disk: every input error (corrupt weights included) leaves no trace.
+    model = gpt2_to_energy_gpt(source, attention_solver, task, num_labels, revision, dtype, **config_overrides)
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
-        model = gpt2_to_energy_gpt(source, attention_solver, task, num_labels, revision, dtype, **config_overrides)
         return _write_checkpoint(model, source, output_dir, staging, command)
 
 
@@ -564,12 +564,12 @@ def convert_energy_gpt_checkpoint_to_gpt2(
 ) -> Path:
     """`energy_gpt_to_gpt2` written to a complete GPT-2 checkpoint directory that `GPT2LMHeadModel.from_pretrained`
     (and any GPT-2-only tool) loads; same atomicity and overwrite rules as `convert_gpt2_checkpoint`."""
-    source = load_source(model_name_or_path, ENERGY_GPT_MODEL_TYPES, "EnergyGPT", revision)
+    source = load_source(model_name_or_path, ENERGY_GPT_MODEL_TYPES, "an EnergyGPT", revision)
     command = command or _equivalent_command(
         model_name_or_path, output_dir, to_gpt2=True, revision=revision, dtype=dtype, overwrite=overwrite
     )
+    model = energy_gpt_to_gpt2(source, revision, dtype)
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
-        model = energy_gpt_to_gpt2(source, revision, dtype)
         return _write_checkpoint(model, source, output_dir, staging, command)
 
 

@@ -413,12 +413,11 @@ def test_bad_input_raises_a_clear_error_and_leaves_nothing(kind, error, message,
     output = tmp_path / "nested" / "out"
     with pytest.raises(error, match=f"(?s){message}"):
         convert_gpt2_checkpoint(source, output, attention_solver="nag")
-    assert not output.exists()
-    assert not (tmp_path / "nested").exists() or not any((tmp_path / "nested").iterdir())
+    assert not (tmp_path / "nested").exists()
 
 
 def test_reverse_rejects_plain_gpt2_and_cli_reports_errors(checkpoints, tmp_path, capsys):
-    with pytest.raises(ConversionError, match="not a EnergyGPT checkpoint: found model_type='gpt2'"):
+    with pytest.raises(ConversionError, match="not an EnergyGPT checkpoint: found model_type='gpt2'"):
         convert_energy_gpt_checkpoint_to_gpt2(checkpoints["save_pretrained"], tmp_path / "out")
     assert cli.main(["convert", "--model_name_or_path", str(tmp_path / "nowhere"), "--output_dir",
                      str(tmp_path / "out")]) == 1

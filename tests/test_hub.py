@@ -18,7 +18,8 @@ from energy_gpt.model_card import SOLVER_CARD_TEXT, render_model_card, write_mod
 REPO_ID = "user/name"
 FAKE_SHA = "0123456789abcdef0123456789abcdef01234567"
 LABELS = {0: "negative", 1: "positive"}
-PROMPT = "w1 w2 w3"
+WORDS = [first + second for first in "wxyz" for second in "abcdefghijklm"][:49]
+PROMPT = "wa wb wc"
 # What the recipes' Trainer writes (`Trainer.save_metrics`), with numbers no template could invent.
 CAUSAL_RESULTS = {"epoch": 2.0, "eval_loss": 4.123456789, "perplexity": 61.7539812, "eval_runtime": 0.5,
                   "eval_samples": 12, "train_loss": 4.5678, "train_runtime": 1.25}
@@ -27,14 +28,15 @@ TRAINING_COMMAND = "energy-gpt pretrain --model_name_or_path gpt2 --attention_so
 
 
 def word_tokenizer():
-    """A tiny word-level tokenizer (`w0` ... `w98`), matching the tiny config's vocab_size=101, built offline."""
+    """A tiny GPT-2 style word-level tokenizer (49 two-letter words, with and without the byte-level space marker),
+    within the tiny config's vocab_size=101, built offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<|endoftext|>", "<unk>"] + [f"\u2581w{i}" for i in range(99)]
+    words = ["<|endoftext|>", "<unk>"] + [space + word for space in ("", "\u0120") for word in WORDS]
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Metaspace()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<unk>",
         pad_token="<|endoftext|>",
@@ -113,7 +115,7 @@ def test_upload_files_names_everything_missing(causal_dir, tmp_path):
 
 def _logits(model_dir: Path, model_class) -> torch.Tensor:
     tokenizer = word_tokenizer()
-    batch = tokenizer([PROMPT, "w7 w8"], return_tensors="pt", padding=True)
+    batch = tokenizer([PROMPT, "wg wh"], return_tensors="pt", padding=True)
     with torch.no_grad():
         return model_class.from_pretrained(model_dir).eval()(**batch).logits
 
@@ -150,7 +152,7 @@ for repo_id, auto_class, key in [("user/causal", AutoModelForCausalLM, "causal")
     tokenizer = AutoTokenizer.from_pretrained(repo_id, revision="{FAKE_SHA}")
     model = auto_class.from_pretrained(repo_id, trust_remote_code=True, revision="{FAKE_SHA}").eval()
     assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
-    batch = tokenizer([{PROMPT!r}, "w7 w8"], return_tensors="pt", padding=True)
+    batch = tokenizer([{PROMPT!r}, "wg wh"], return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = model(**batch).logits
     torch.testing.assert_close(logits, expected[key], rtol=0, atol=1e-6)

@@ -16,7 +16,7 @@ from energy_gpt import EnergyGPTConfig, EnergyGPTForCausalLM, EnergyGPTForSequen
 from energy_gpt.io_utils import atomic_directory, atomic_write_json, atomic_write_text
 from energy_gpt.modeling.solvers_energy_gpt import LightNewtonSolver, NewtonSolver
 
-from conftest import REPO_ROOT, SOLVERS, tiny_config
+from conftest import REPO_ROOT, SOLVERS, run_without_energy_gpt, tiny_config
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,16 +364,25 @@ def test_package_never_trusts_remote_code_on_its_own():
     assert offenders == []
 
 
-def test_installed_package_does_not_execute_checkpoint_code(tmp_path):
-    """With energy_gpt imported, a checkpoint's own .py files are never run unless the user trusts them."""
+def test_checkpoint_code_runs_only_with_the_users_consent(tmp_path):
+    """The installed package never runs a checkpoint's own .py files; without the package, transformers asks first."""
     from transformers import AutoModelForCausalLM
 
-    model = EnergyGPTForCausalLM(tiny_config(n_layer=1))
-    model.save_pretrained(tmp_path)
+    EnergyGPTForCausalLM(tiny_config(n_layer=1)).save_pretrained(tmp_path)
     booby_trap = "raise RuntimeError('checkpoint code was executed')\n"
     for name in ("modeling_energy_gpt.py", "configuration_energy_gpt.py", "solvers_energy_gpt.py"):
         (tmp_path / name).write_text(booby_trap)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert type(loaded) is EnergyGPTForCausalLM
-    with pytest.raises(RuntimeError, match="checkpoint code was executed"):
-        AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    # In-process the registered classes are used, with or without the flag.
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is EnergyGPTForCausalLM
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)) is EnergyGPTForCausalLM
+    # Where energy_gpt is not installed, loading without the flag refuses before running anything.
+    result = run_without_energy_gpt(
+        "from transformers import AutoModelForCausalLM\n"
+        "try:\n"
+        f"    AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=False)\n"
+        "except ValueError as error:\n"
+        "    assert 'trust_remote_code' in str(error), error\n"
+        "    print('refused')\n",
+        cwd=tmp_path,
+    )
+    assert result.stdout.strip() == "refused"
