@@ -59,6 +59,7 @@ def save_checkpoint(model, model_dir: Path, results: dict | None, trainer_state:
 
 @pytest.fixture(scope="module")
 def causal_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)  # module-scoped: created before the per-test seed
     model = EnergyGPTForCausalLM(tiny_config(attention_solver="nag", momentum_beta=0.3)).eval()
     state = {"global_step": 8, "epoch": 2.0, "log_history": [
         {"step": 4, "epoch": 1.0, "loss": 4.75}, {"step": 8, "epoch": 2.0, "loss": 4.3875},
@@ -71,6 +72,7 @@ def causal_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def classification_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(1)
     config = tiny_config(attention_solver="newton", newton_lambda=0.2, num_labels=2, pad_token_id=0,
                          id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     model = EnergyGPTForSequenceClassification(config).eval()
@@ -176,7 +178,8 @@ def test_pipelines_on_tiny_checkpoints(causal_dir, classification_dir):
     input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     greedy = model.generate(input_ids, max_new_tokens=5, do_sample=False)
     assert text == tokenizer.decode(greedy[0], skip_special_tokens=True)
-    assert text.startswith(PROMPT) and len(text.split()) == len(PROMPT.split()) + 5
+    assert text.startswith(PROMPT + " ") and len(text.split()) > len(PROMPT.split())
+    assert set(text.split()) <= set(WORDS)
 
     classifier = pipeline("text-classification", model=str(classification_dir), trust_remote_code=True)
     scores = classifier(PROMPT, top_k=None)
