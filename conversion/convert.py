@@ -84,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             task=args.task or "causal-lm", num_labels=args.num_labels, revision=args.revision, dtype=args.dtype,
             overwrite=args.overwrite, command=command, **overrides,
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as error:  # ConversionError, bad config values, --output_dir
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # ConversionError, config values, --output_dir
         print(f"energy-gpt convert: error: {error}", file=sys.stderr)
         return 1
-    settings = ", ".join(f"{k}={v}" for k, v in {"attention_solver": args.attention_solver or "gd", **overrides}.items())
+    settings = {"attention_solver": args.attention_solver or "gd", **overrides}
+    settings = ", ".join(f"{name}={value}" for name, value in settings.items())
     print(f"Wrote the EnergyGPT checkpoint ({settings}) converted from {args.model_name_or_path} to {output}")
     return 0
 

@@ -150,7 +150,8 @@ def _weight_files(directory: Path) -> list[Path]:
         if missing:
             raise ConversionError(f"The shard index {path} names shards that are missing from {directory}: {missing}.")
         return shards
-    found = sorted(p.name for p in directory.iterdir() if p.suffix in (".h5", ".msgpack", ".ot", ".bin", ".safetensors"))
+    other_formats = (".h5", ".msgpack", ".ot", ".bin", ".safetensors")
+    found = sorted(path.name for path in directory.iterdir() if path.suffix in other_formats)
     raise ConversionError(
         f"No PyTorch weights in {directory}: expected one of {list(WEIGHT_LAYOUTS)}"
         + (f", found only {found} (TensorFlow / Flax / other formats are not read)." if found else ".")
@@ -158,7 +159,8 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 def _looks_like_local_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", "..") or os.sep + os.sep in name
+    """Hub ids are `name` or `org/name`: anything else that does not exist is a mistyped local path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _download_from_hub(repo_id: str, revision: str | None) -> Path:
@@ -169,9 +171,8 @@ def _download_from_hub(repo_id: str, revision: str | None) -> Path:
     directory = Path(snapshot_download(repo_id, revision=revision, allow_patterns=safetensors_patterns))
     if not any((directory / name).is_file() for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE)):
         # Older repositories only have pytorch_model.bin: fetch it now rather than both formats up front.
-        directory = Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=[*METADATA_FILES, "pytorch_model*.bin", PYTORCH_INDEX])
-        )
+        pytorch_patterns = [*METADATA_FILES, "pytorch_model*.bin", PYTORCH_INDEX]
+        directory = Path(snapshot_download(repo_id, revision=revision, allow_patterns=pytorch_patterns))
     return directory
 
 
@@ -179,6 +180,7 @@ def _resolve_directory(name_or_path: str | os.PathLike, revision: str | None) ->
     """A local directory as is, otherwise a Hub id downloaded (or found in the cache) at `revision`.
 
     Returns the directory and the name to record as the base model (the Hub id actually found, or the path)."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
@@ -212,7 +214,8 @@ def _resolve_directory(name_or_path: str | os.PathLike, revision: str | None) ->
     raise CheckpointNotFoundError(
         f"--model_name_or_path {name} is neither a local directory nor a Hub model id that could be found"
         + (f" at revision {revision!r}" if revision else "")
-        + " (with HF_HUB_OFFLINE=1 only models already in the Hub cache are found). "
+        + (" (HF_HUB_OFFLINE=1: only models already in the Hub cache can be found)" if constants.HF_HUB_OFFLINE else "")
+        + ". "
         + "; ".join(reasons)
     )
 
@@ -235,10 +238,12 @@ def _check_model_type(config: dict[str, Any], accepted: tuple[str, ...], where: 
     if model_type not in accepted:
         architectures = config.get("architectures") or []
         found = f"model_type={model_type!r}" + (f" ({', '.join(architectures)})" if architectures else "")
-        raise ConversionError(f"{where} is not {hint} checkpoint: found {found}; accepted model_type: {list(accepted)}.")
+        raise ConversionError(
+            f"{where} is not {hint} checkpoint: found {found}; accepted model_type: {list(accepted)}."
+        )
 
 
-def load_source(
+def _load_source(
     model_or_path: str | os.PathLike | PreTrainedModel, accepted_model_types: tuple[str, ...], hint: str, revision=None
 ) -> SourceCheckpoint:
     """Resolve and check a source (directory, Hub id or model) without reading its weights yet."""
@@ -320,6 +325,11 @@ def _energy_gpt_config(
             f"Unknown EnergyGPTConfig field(s) {unknown}; accepted solver fields: {list(SOLVER_CONFIG_FIELDS)}."
         )
     config = EnergyGPTConfig(**{**carried, **solver_settings, **overrides})
+    # A solver scalar the chosen solver does not have is almost certainly a mistake on the command line.
+    solvers_using = {"momentum_beta": ("momentum", "nag"), "newton_lambda": ("newton", "newton_light")}
+    unused = [name for name, users in solvers_using.items() if overrides.get(name) and attention_solver not in users]
+    if unused:
+        logger.warning(f"{', '.join(unused)} has no effect with attention_solver={attention_solver!r}.")
     if task == "sequence-classification" and config.pad_token_id is None:
         logger.warning(
             "The converted classifier has no `pad_token_id`: it can only classify unpadded batches of one sequence. "
@@ -371,7 +381,7 @@ def gpt2_to_energy_gpt(
         raise ConversionError(f"--task must be one of {list(TASKS)}, got {task!r}.")
     if attention_solver not in ATTENTION_SOLVERS:
         raise ConversionError(f"--attention_solver must be one of {list(ATTENTION_SOLVERS)}, got {attention_solver!r}.")
-    source = model_or_path if isinstance(model_or_path, SourceCheckpoint) else load_source(
+    source = model_or_path if isinstance(model_or_path, SourceCheckpoint) else _load_source(
         model_or_path, GPT2_MODEL_TYPES, "a GPT-2", revision
     )
     target_dtype = _resolve_dtype(dtype, source.config)
@@ -397,7 +407,7 @@ def gpt2_to_energy_gpt(
         allowed_missing.add("lm_head.weight")
     if task == "sequence-classification" and head_in_source is None:
         allowed_missing.add("score.weight")
-        logger.warning(f"{source.name} has no classification head: `score` is newly initialised ({config.num_labels} labels).")
+        logger.warning(f"{source.name} has no classification head: `score` is new ({config.num_labels} labels).")
     _load_strict(model, converted, allowed_missing, source.name)
     model.tie_weights()
     return model.to(target_dtype).eval()
@@ -440,7 +450,7 @@ def energy_gpt_to_gpt2(
 ) -> GPT2LMHeadModel | GPT2ForSequenceClassification:
     """Convert an EnergyGPT model whose solver reduces to GPT-2 into `GPT2LMHeadModel` (or
     `GPT2ForSequenceClassification` for a classifier). Raises `ConversionError` otherwise (see module docstring)."""
-    source = model_or_path if isinstance(model_or_path, SourceCheckpoint) else load_source(
+    source = model_or_path if isinstance(model_or_path, SourceCheckpoint) else _load_source(
         model_or_path, ENERGY_GPT_MODEL_TYPES, "an EnergyGPT", revision
     )
     target_dtype = _resolve_dtype(dtype, source.config)
@@ -493,7 +503,7 @@ def _write_gpt2_model_card(staging: Path, model: PreTrainedModel, source: Source
         f"---\nlibrary_name: transformers\ntags:\n- gpt2\n- energy-gpt-export\n---\n\n"
         f"# GPT-2 exported from EnergyGPT\n\n"
         f"A plain GPT-2 checkpoint (`{type(model).__name__}`, no remote code) exported from the EnergyGPT checkpoint "
-        f"`{source.name}` (attention_solver `{solver}`, whose update with its stored solver scalars is exactly GPT-2's). "
+        f"`{source.name}` (attention_solver `{solver}`, whose update with its stored solver scalars is GPT-2's). "
         "It computes the same function as the source and loads in any tool that knows GPT-2.\n\n"
         f"Exact command:\n\n```bash\n{command}\n```\n"
     )
@@ -542,7 +552,7 @@ def convert_gpt2_checkpoint(
     The directory appears only once complete (any failure leaves nothing behind); an existing non-empty
     `output_dir` is refused unless `overwrite`.
     """
-    source = load_source(model_name_or_path, GPT2_MODEL_TYPES, "a GPT-2", revision)
+    source = _load_source(model_name_or_path, GPT2_MODEL_TYPES, "a GPT-2", revision)
     command = command or _equivalent_command(
         model_name_or_path, output_dir, attention_solver=attention_solver, task=task, num_labels=num_labels,
         revision=revision, dtype=dtype, overwrite=overwrite, **config_overrides,
@@ -564,7 +574,7 @@ def convert_energy_gpt_checkpoint_to_gpt2(
 ) -> Path:
     """`energy_gpt_to_gpt2` written to a complete GPT-2 checkpoint directory that `GPT2LMHeadModel.from_pretrained`
     (and any GPT-2-only tool) loads; same atomicity and overwrite rules as `convert_gpt2_checkpoint`."""
-    source = load_source(model_name_or_path, ENERGY_GPT_MODEL_TYPES, "an EnergyGPT", revision)
+    source = _load_source(model_name_or_path, ENERGY_GPT_MODEL_TYPES, "an EnergyGPT", revision)
     command = command or _equivalent_command(
         model_name_or_path, output_dir, to_gpt2=True, revision=revision, dtype=dtype, overwrite=overwrite
     )

@@ -11,6 +11,7 @@ the Hub would reject never reaches disk.
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -218,6 +219,16 @@ def _provenance(base_model: str | None, trained: bool, scalars: list[tuple[int, 
     return "No trainer state and no base model were recorded for this folder: these are the weights as saved."
 
 
+def _model_name(model_dir: Path, repo_id: str | None) -> str:
+    """The repository name, else the folder name; a staging folder of `io_utils.atomic_directory`
+    (`.NAME.partial-XXXX`) stands for the folder it becomes."""
+    if repo_id:
+        return repo_id.rsplit("/", 1)[-1]
+    name = model_dir.resolve().name
+    staging = re.fullmatch(r"\.(.+)\.partial-[^.]+", name)
+    return staging.group(1) if staging else name
+
+
 def _default_license(base_model: str | None) -> str:
     if base_model is None:
         return PROJECT_LICENSE
@@ -230,12 +241,14 @@ def render_model_card(
     base_model: str | None = None,
     command: str | None = None,
     datasets: list[str] | None = None,
+    dataset_config: str | None = None,
     repo_id: str | None = None,
     revision: str | None = None,
     license: str | None = None,
 ) -> str:
     """The model card of the checkpoint in `model_dir` as Markdown with a Hub YAML header (see `write_model_card`).
 
+    `dataset_config`: the configuration of the first dataset (e.g. `sst2` of `nyu-mll/glue`), for the model-index.
     `repo_id` / `revision`: shown in the loading snippet when known. `license`: defaults to GPT-2's `mit` for a
     GPT-2 base, the project's `apache-2.0` without a base model, `other` otherwise.
     """
@@ -254,7 +267,7 @@ def render_model_card(
     results = _read_results(model_dir)
     state = _read_json(model_dir / TRAINER_STATE_FILE)
     parameter_count, scalars = _read_weights(model_dir, solver)
-    model_name = repo_id.rsplit("/", 1)[-1] if repo_id else model_dir.resolve().name
+    model_name = _model_name(model_dir, repo_id)
     hub_datasets = [name for name in datasets or [] if _is_hub_id(name)]
 
     # model-index: only quality metrics, and only against a dataset the Hub can link.
@@ -263,6 +276,7 @@ def render_model_card(
             task_type=pipeline_tag,
             dataset_type=hub_datasets[0],
             dataset_name=hub_datasets[0],
+            dataset_config=dataset_config,
             metric_type=key.removeprefix("eval_"),
             metric_name=key,
             metric_value=value,
@@ -312,6 +326,7 @@ def render_model_card(
         provenance=_provenance(base_model, state is not None, scalars),
         command=command,
         dataset_names=list(datasets or []),
+        dataset_config=dataset_config,
         result_rows=[(key, _format_number(value), source) for key, (value, source) in results.items()],
         training_rows=_training_rows(state) if state else [],
         global_step=state.get("global_step") if state else None,
@@ -330,6 +345,7 @@ def write_model_card(
     base_model: str | None = None,
     command: str | None = None,
     datasets: list[str] | None = None,
+    dataset_config: str | None = None,
     repo_id: str | None = None,
     revision: str | None = None,
     license: str | None = None,
@@ -340,7 +356,7 @@ def write_model_card(
     `datasets`: the datasets it was trained / evaluated on (Hub ids go into the YAML, local paths only into the text).
     """
     text = render_model_card(
-        model_dir, base_model=base_model, command=command, datasets=datasets, repo_id=repo_id, revision=revision,
-        license=license,
+        model_dir, base_model=base_model, command=command, datasets=datasets, dataset_config=dataset_config,
+        repo_id=repo_id, revision=revision, license=license,
     )
     return atomic_write_text(Path(model_dir) / "README.md", text)

@@ -15,7 +15,6 @@ Adding a solver means writing one class here and adding one line to `ATTENTION_S
 from collections.abc import Callable
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
@@ -63,6 +62,52 @@ def _bounded_lambda(newton_lambda: torch.Tensor, sigma_bound: torch.Tensor, step
     lam = newton_lambda.float().view(1, -1, 1, 1)
     scale = step_bound / torch.clamp(lam.abs() * sigma_bound, min=step_bound)
     return lam * scale
+
+
+class _ChunkSecondMoments(torch.autograd.Function):
+    """For one chunk of queries: `(sum_i p_ti (v_i . mu_t) v_i,  sum_i p_ti ||v_i||^2)`, the two attention-shaped
+    products behind `Sigma_t mu_t` and `trace(Sigma_t)`, with `p` recomputed from q and k.
+
+    Nothing attention-shaped is saved for the backward pass: it recomputes `p` and `v . mu` from the inputs (so memory
+    grows linearly with the sequence length, as with SDPA) and applies the hand-derived gradients, which need one matmul
+    and several elementwise passes less than autograd through the same ops with checkpointing.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, squared_norms, mean, mask, scaling: float):
+        probs = attention_probabilities(query, key, mask, scaling)
+        weights = torch.matmul(mean, value.transpose(-1, -2)).mul_(probs)  # p_ti * (v_i . mu_t)
+        ctx.save_for_backward(query, key, value, squared_norms, mean, mask)
+        ctx.scaling = scaling
+        return torch.matmul(weights, value), torch.matmul(probs, squared_norms)
+
+    @staticmethod
+    def backward(ctx, grad_products, grad_second_moment):
+        query, key, value, squared_norms, mean, mask = ctx.saved_tensors
+        needs_query, needs_key, needs_value, needs_norms, needs_mean = ctx.needs_input_grad[:5]
+        probs = attention_probabilities(query, key, mask, ctx.scaling)
+        projections = torch.matmul(mean, value.transpose(-1, -2))
+        grad_weights = torch.matmul(grad_products, value.transpose(-1, -2))
+        grad_query = grad_key = grad_value = grad_norms = grad_mean = None
+        if needs_value:
+            grad_value = torch.matmul((projections * probs).transpose(-1, -2), grad_products)
+        if needs_mean or needs_value:
+            grad_projections = grad_weights * probs
+            if needs_mean:
+                grad_mean = torch.matmul(grad_projections, value)
+            if needs_value:
+                grad_value = grad_value + torch.matmul(grad_projections.transpose(-1, -2), mean)
+            del grad_projections
+        if needs_norms:
+            grad_norms = torch.matmul(probs.transpose(-1, -2), grad_second_moment)
+        if needs_query or needs_key:
+            grad_probs = grad_weights.mul_(projections).addcmul_(grad_second_moment, squared_norms.transpose(-1, -2))
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            if needs_query:
+                grad_query = (torch.matmul(grad_scores, key.float()) * ctx.scaling).to(query.dtype)
+            if needs_key:
+                grad_key = (torch.matmul(grad_scores.transpose(-1, -2), query.float()) * ctx.scaling).to(key.dtype)
+        return grad_query, grad_key, grad_value, grad_norms, grad_mean, None, None
 
 
 class GradientDescentSolver(nn.Module):
@@ -173,8 +218,8 @@ class NewtonSolver(GradientDescentSolver):
         """The correction for queries [start, end) from recomputed probabilities (SDPA does not return them).
 
         Attention is causal, so the chunk only sees the first `kv_len - q_len + end` keys: the rest are never read.
-        In training the chunk is checkpointed (recomputed in the backward pass), so that no T x S tensor outlives
-        its chunk and training memory grows linearly with the sequence length, as with SDPA.
+        No T x S tensor outlives its chunk (see `_ChunkSecondMoments`), so memory grows linearly with the sequence
+        length, in training as in inference.
         """
         visible = key.shape[2] - query.shape[2] + end
         mask = attention_mask
@@ -184,23 +229,19 @@ class NewtonSolver(GradientDescentSolver):
         # is exactly this chunk's offset in the full sequence.
         args = (query[:, :, start:end], key[:, :, :visible], value[:, :, :visible], squared_norms[:, :, :visible],
                 mean[:, :, start:end], mask, scaling)
-        needs_grad = torch.is_grad_enabled() and (
-            any(t.requires_grad for t in (query, key, value, mean)) or self.newton_lambda.requires_grad
-        )
-        if needs_grad:
-            return torch.utils.checkpoint.checkpoint(self._probabilities_and_correction, *args, use_reentrant=False)
-        return self._probabilities_and_correction(*args)
-
-    def _probabilities_and_correction(self, query, key, value, squared_norms, mean, mask, scaling):
-        return self._correction(attention_probabilities(query, key, mask, scaling), value, squared_norms, mean)
+        products, second_moment = _ChunkSecondMoments.apply(*args)
+        return self._finish_correction(products, second_moment, mean[:, :, start:end])
 
     def _correction(self, probs, value, squared_norms, mean):
-        projections = torch.matmul(mean, value.transpose(-1, -2))  # v_i . mu_t, attention-shaped
-        # p_ti * (v_i . mu_t); in place when no graph is recorded (saves one T x S allocation).
-        weights = projections.mul_(probs) if not torch.is_grad_enabled() else probs * projections
+        """From explicit probabilities (eager path), through autograd."""
+        products = torch.matmul(probs * torch.matmul(mean, value.transpose(-1, -2)), value)
+        return self._finish_correction(products, torch.matmul(probs, squared_norms), mean)
+
+    def _finish_correction(self, products, second_moment, mean):
+        """lambda * Sigma mu from `sum_i p_i (v_i . mu) v_i` and `sum_i p_i ||v_i||^2` (per token and head)."""
         mean_norm = (mean * mean).sum(-1, keepdim=True)
-        sigma_mean = torch.matmul(weights, value) - mean_norm * mean
-        trace = torch.matmul(probs, squared_norms) - mean_norm
+        sigma_mean = products - mean_norm * mean
+        trace = second_moment - mean_norm
         return _bounded_lambda(self.newton_lambda, trace.clamp(min=0), self.step_bound) * sigma_mean
 
 

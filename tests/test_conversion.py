@@ -26,6 +26,7 @@ from energy_gpt.conversion import (
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REMOTE_CODE_FILES = ("configuration_energy_gpt.py", "modeling_energy_gpt.py", "solvers_energy_gpt.py")
+GREEDY = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
 GENERATION_CONFIG = {"bos_token_id": 0, "eos_token_id": 0, "max_length": 17, "transformers_version": "4.26.0.dev0"}
 
 
@@ -49,7 +50,8 @@ def write_legacy_hub_layout(model: GPT2LMHeadModel, directory: Path, weights: st
     shard_names = [names[i::shards] for i in range(shards)]
     if weights == "bin":
         assert shards == 1
-        torch.save(state_dict, directory / "pytorch_model.bin")
+        # The 2019 Hub files predate torch's zip format: write the legacy serialization too.
+        torch.save(state_dict, directory / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     elif shards == 1:
         save_file(state_dict, directory / "model.safetensors", metadata={"format": "pt"})
     else:
@@ -112,15 +114,18 @@ def input_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, attention_mask
 
 
-def assert_same_causal_lm(energy_model, gpt2_model) -> None:
+@pytest.fixture(scope="module")
+def gpt2_greedy(gpt2_model) -> tuple[torch.Tensor, torch.Tensor]:
+    prompt = torch.tensor([[5, 17, 42, 99, 3]])
+    return prompt, gpt2_model.generate(prompt, **GREEDY)
+
+
+def assert_same_logits(energy_model, gpt2_model) -> None:
     input_ids, attention_mask = input_batch()
     with torch.no_grad():
         expected = gpt2_model(input_ids, attention_mask=attention_mask).logits
         actual = energy_model(input_ids, attention_mask=attention_mask).logits
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
-    prompt = input_ids[:1, :5]
-    settings = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
-    assert torch.equal(energy_model.generate(prompt, **settings), gpt2_model.generate(prompt, **settings))
 
 
 def assert_nothing_left(parent: Path, allowed: set[str]) -> None:
@@ -135,12 +140,15 @@ def assert_nothing_left(parent: Path, allowed: set[str]) -> None:
 
 @pytest.mark.parametrize("layout", ["save_pretrained", "hub_bin", "hub_sharded_safetensors"])
 @pytest.mark.parametrize("solver", SOLVERS)
-def test_every_solver_and_layout_computes_gpt2(solver, layout, checkpoints, gpt2_model):
+def test_every_solver_and_layout_computes_gpt2(solver, layout, checkpoints, gpt2_model, gpt2_greedy):
     model = gpt2_to_energy_gpt(checkpoints[layout], attention_solver=solver)
     assert model.config.attention_solver == solver
     assert model.config.momentum_beta == 0.0 and model.config.newton_lambda == 0.0  # function preserving
     assert model.dtype == torch.float32
-    assert_same_causal_lm(model, gpt2_model)
+    assert_same_logits(model, gpt2_model)
+    if layout == "hub_bin":  # greedy decoding (KV cache path) once per solver: the weights are the same per layout
+        prompt, expected = gpt2_greedy
+        assert torch.equal(model.generate(prompt, **GREEDY), expected)
 
 
 def test_conv1d_weights_are_transposed_and_nothing_else(checkpoints, gpt2_model):
@@ -207,7 +215,7 @@ def test_classification_head_rules(checkpoints, tmp_path):
 
 def test_hub_ids_and_revisions_from_the_cache(fake_hub, gpt2_model, tmp_path):
     for name in ("openai-community/gpt2", "gpt2"):  # the short legacy id falls back to the canonical one
-        assert_same_causal_lm(gpt2_to_energy_gpt(name, attention_solver="newton", revision=FAKE_COMMIT), gpt2_model)
+        assert_same_logits(gpt2_to_energy_gpt(name, attention_solver="newton", revision=FAKE_COMMIT), gpt2_model)
     output = convert_gpt2_checkpoint("gpt2", tmp_path / "out", attention_solver="newton_light")
     assert json.loads((output / "generation_config.json").read_text()) == GENERATION_CONFIG
     assert "openai-community/gpt2" in (output / "README.md").read_text()  # base model: the id actually found
@@ -277,6 +285,38 @@ def test_cli_solver_flags_reach_the_config(checkpoints, tmp_path):
     with pytest.raises(SystemExit):  # argparse: forward-only flags make no sense with --to_gpt2
         cli.main(["convert", "--to_gpt2", "--model_name_or_path", str(tmp_path / "out"), "--output_dir",
                   str(tmp_path / "back"), "--attention_solver", "gd"])
+
+
+def test_cli_classifier_both_ways(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    classifier = GPT2ForSequenceClassification(tiny_gpt2_config(num_labels=3, pad_token_id=0)).eval()
+    classifier.save_pretrained(tmp_path / "classifier")
+    common = ["convert", "--model_name_or_path"]
+    assert cli.main([*common, str(tmp_path / "classifier"), "--output_dir", str(tmp_path / "energy"),
+                     "--task", "sequence-classification", "--attention_solver", "newton_light"]) == 0
+    assert cli.main([*common, str(tmp_path / "energy"), "--output_dir", str(tmp_path / "back"), "--to_gpt2"]) == 0
+    input_ids = torch.randint(1, 101, (2, 9))
+    input_ids[0, 5:] = 0
+    energy = AutoModelForSequenceClassification.from_pretrained(tmp_path / "energy").eval()
+    back = GPT2ForSequenceClassification.from_pretrained(tmp_path / "back").eval()
+    assert type(energy).__name__ == "EnergyGPTForSequenceClassification"
+    with torch.no_grad():
+        expected = classifier(input_ids).logits
+        torch.testing.assert_close(energy(input_ids).logits, expected, atol=1e-5, rtol=0)
+        assert torch.equal(back(input_ids).logits, expected)
+
+
+def test_a_failure_while_writing_leaves_nothing(checkpoints, tmp_path, monkeypatch):
+    import energy_gpt.conversion.gpt2 as conversion_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. Ctrl-C after the weights were written, before the model card
+
+    monkeypatch.setattr(conversion_module, "write_model_card", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_gpt2_checkpoint(checkpoints["save_pretrained"], tmp_path / "out", attention_solver="nag")
+    assert_nothing_left(tmp_path, set())
 
 
 def test_real_gpt2_tokenizer_survives_the_round_trip(checkpoints, gpt2_tokenizer_dir, tmp_path):
@@ -359,7 +399,7 @@ def test_reverse_sees_learned_values_not_the_config(gpt2_model, tmp_path):
 def _other_architecture(kind: str):
     from transformers import BertConfig, GPTNeoConfig, LlamaConfig
 
-    small = dict(vocab_size=50, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    small = {"vocab_size": 50, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
     return {
         "bert": lambda: BertConfig(num_hidden_layers=1, **small),
         "gpt_neo": lambda: GPTNeoConfig(num_layers=1, attention_types=[[["global"], 1]], vocab_size=50, hidden_size=16,

@@ -4,14 +4,15 @@ the model card carries only the run's own numbers, the upload sends exactly the 
 import json
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 from conftest import run_without_energy_gpt, tiny_config
 
-from energy_gpt import ATTENTION_SOLVERS, EnergyGPTForCausalLM, EnergyGPTForSequenceClassification
-from energy_gpt import hub
+from energy_gpt import ATTENTION_SOLVERS, EnergyGPTForCausalLM, EnergyGPTForSequenceClassification, hub
 from energy_gpt.cli import main as cli_main
+from energy_gpt.io_utils import atomic_directory
 from energy_gpt.model_card import SOLVER_CARD_TEXT, render_model_card, write_model_card
 
 
@@ -77,7 +78,8 @@ def classification_dir(tmp_path_factory) -> Path:
                          id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     model = EnergyGPTForSequenceClassification(config).eval()
     model_dir = save_checkpoint(model, tmp_path_factory.mktemp("classification"), CLASSIFICATION_RESULTS)
-    write_model_card(model_dir, command="energy-gpt glue --task_name sst2", datasets=["nyu-mll/glue"])
+    write_model_card(model_dir, command="energy-gpt glue --task_name sst2", datasets=["nyu-mll/glue"],
+                     dataset_config="sst2")
     return model_dir
 
 
@@ -217,15 +219,18 @@ def test_card_yaml_parses_and_carries_measured_numbers(causal_dir, classificatio
     assert card.data.base_model is None and card.data.license == "apache-2.0"
     assert {r.metric_name: r.metric_value for r in card.data.eval_results} == {
         "eval_accuracy": 0.8173, "eval_loss": 0.4412}  # eval_samples_per_second is bookkeeping
+    assert {(r.dataset_type, r.dataset_config) for r in card.data.eval_results} == {("nyu-mll/glue", "sst2")}
     assert "newton_step_bound" in card.text and "AutoModelForSequenceClassification" in card.text
 
 
 def test_card_without_results_states_nothing_was_measured(tmp_path):
     from huggingface_hub import ModelCard
 
-    model_dir = tmp_path / "converted"
-    EnergyGPTForCausalLM(tiny_config(attention_solver="momentum", momentum_beta=0.0)).save_pretrained(model_dir)
-    card = ModelCard(render_model_card(model_dir, base_model="gpt2", command="energy-gpt convert ..."))
+    # Rendered inside the staging folder, as the conversion does: the card names the final folder.
+    with atomic_directory(tmp_path / "converted") as staging:
+        EnergyGPTForCausalLM(tiny_config(attention_solver="momentum", momentum_beta=0.0)).save_pretrained(staging)
+        card = ModelCard(render_model_card(staging, base_model="gpt2", command="energy-gpt convert ..."))
+    assert card.text.lstrip().startswith("# converted\n")
     assert card.data.eval_results is None and "model-index" not in card.content
     assert "No evaluation or training results were recorded" in card.text
     assert "Converted from `gpt2`" in card.text and "computes exactly the function of the base model" in card.text
@@ -234,7 +239,7 @@ def test_card_without_results_states_nothing_was_measured(tmp_path):
 class RecordingHfApi:
     """Stands in for `huggingface_hub.HfApi`: records calls, resolves `allow_patterns` like the real upload."""
 
-    calls: list = []
+    calls: ClassVar[list] = []
 
     def __init__(self, token=None):
         self.calls.append(("init", token))

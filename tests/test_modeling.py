@@ -172,25 +172,24 @@ REFERENCE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 @pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", REFERENCE_CASES)
-def test_solver_matches_reference_loop(case, attn, padded):
+def test_solver_matches_reference_loop(case, attn):
     case = dict(case)
     lambda_scale = case.pop("lambda_scale", 1.0)
     model = set_solver_params(build(attn=attn, **WIDE_INIT, **case), lambda_scale=lambda_scale)
-    input_ids = torch.randint(0, PAD, (2, 9))
-    attention_mask = position_ids = None
-    if padded:
-        input_ids, attention_mask = left_padded(input_ids, [0, 3])
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    # One full row and one left-padded row (padding keys must get no probability), GPT-2 style positions.
+    input_ids, attention_mask = left_padded(torch.randint(0, PAD, (2, 9)), [0, 3])
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     state_dict = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
     with torch.no_grad():
         logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    expected, newton_steps, clamped = reference_logits(state_dict, model.config, input_ids, attention_mask, position_ids)
+    expected, newton_steps, clamped = reference_logits(
+        state_dict, model.config, input_ids, attention_mask, position_ids
+    )
 
-    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    real = attention_mask.bool()
     torch.testing.assert_close(logits[real], expected[real].float(), atol=1e-5, rtol=0)
     if case["attention_solver"].startswith("newton"):
         # The "-bounded" cases (scale >= 0.2) exercise the step bound for some tokens, the "-unbounded" ones never.
@@ -234,8 +233,12 @@ def test_zero_solver_params_give_gpt2_logits_exactly(variant, attn):
     input_ids, attention_mask = left_padded(torch.randint(0, PAD, (2, 10)), [0, 4])
     with torch.no_grad():
         for mask in (None, attention_mask):
-            outputs = model(input_ids, attention_mask=mask, output_hidden_states=True, output_attentions=attn == "eager")
-            expected = gpt2(input_ids, attention_mask=mask, output_hidden_states=True, output_attentions=attn == "eager")
+            outputs = model(
+                input_ids, attention_mask=mask, output_hidden_states=True, output_attentions=attn == "eager"
+            )
+            expected = gpt2(
+                input_ids, attention_mask=mask, output_hidden_states=True, output_attentions=attn == "eager"
+            )
             assert torch.equal(outputs.logits, expected.logits)
             # GPT-2 returns 1 + n_layer hidden states, the last one after ln_f: the same layout, bit for bit.
             assert len(outputs.hidden_states) == len(expected.hidden_states) == model.config.n_layer + 1
@@ -254,8 +257,13 @@ def test_zero_solver_params_classifier_matches_gpt2(variant, attn):
         tiny_gpt2_config(pad_token_id=PAD, num_labels=3), attn_implementation=attn
     ).eval()
     model = build(
-        EnergyGPTForSequenceClassification, attn, pad_token_id=PAD, num_labels=3, momentum_beta=0.0,
-        newton_lambda=0.0, **variant,
+        EnergyGPTForSequenceClassification,
+        attn,
+        pad_token_id=PAD,
+        num_labels=3,
+        momentum_beta=0.0,
+        newton_lambda=0.0,
+        **variant,
     )
     transplant_gpt2(gpt2, model)
     input_ids = torch.randint(0, PAD, (3, 8))
@@ -339,7 +347,10 @@ def loss_and_gradients(model, input_ids):
     model.zero_grad(set_to_none=True)
     loss = model(input_ids, labels=input_ids, use_cache=False).loss
     loss.backward()
-    return loss.detach(), {name: param.grad.clone() for name, param in model.named_parameters()}
+    # beta of layer 0 multiplies the zero momentum: it gets no gradient (None).
+    return loss.detach(), {
+        name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None
+    }
 
 
 @pytest.mark.parametrize("variant", SOLVER_VARIANTS)
@@ -348,15 +359,18 @@ def test_gradient_checkpointing_gives_same_gradients(variant):
     input_ids = torch.randint(0, PAD, (2, 8))
     loss, gradients = loss_and_gradients(model, input_ids)
 
-    block_calls = []  # the checkpoint wraps the block's `forward`: count calls of a module inside it
-    model.transformer.h[0].mlp.register_forward_hook(lambda *args: block_calls.append(1))
+    # The checkpoint wraps the block's `forward`: count calls of its first submodule (torch's non-reentrant
+    # recomputation stops early, so a later submodule like the MLP may not run again).
+    block_calls = []
+    model.transformer.h[0].ln_1.register_forward_hook(lambda *args: block_calls.append(1))
     model.gradient_checkpointing_enable()
-    assert model.transformer.gradient_checkpointing and model.is_gradient_checkpointing
+    assert model.transformer.gradient_checkpointing
     checkpointed_loss, checkpointed_gradients = loss_and_gradients(model, input_ids)
     assert len(block_calls) == 2  # forward, then recomputed in backward: checkpointing really ran
 
     assert torch.equal(loss, checkpointed_loss)
     assert gradients.keys() == checkpointed_gradients.keys()
+    assert len(gradients) >= len(list(model.parameters())) - 1
     for name, gradient in gradients.items():
         torch.testing.assert_close(checkpointed_gradients[name], gradient, atol=1e-6, rtol=1e-5, msg=name)
 
@@ -371,6 +385,10 @@ def test_learned_solver_params_receive_gradients(variant):
     _, gradients = loss_and_gradients(model, torch.randint(0, PAD, (2, 8)))
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     for name in solver_names:
+        if name.startswith("transformer.h.0.") and name.endswith("momentum_beta"):
+            # beta_0 multiplies the momentum state, which is zero before the first layer: it cannot matter.
+            assert name not in gradients
+            continue
         assert gradients[name].abs().sum() > 0, name
         assert not torch.equal(parameters[name].detach(), before[name]), name
 
@@ -407,7 +425,7 @@ def assert_all_finite(model):
 def test_save_load_round_trip_is_exact_and_initialised(variant, learn, tmp_path):
     model = build(**variant, momentum_beta=0.3, newton_lambda=0.25, learn_solver_params=learn)
     model.save_pretrained(tmp_path)
-    loaded = EnergyGPTForCausalLM.from_pretrained(tmp_path).eval()
+    loaded = EnergyGPTForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
 
     assert_all_finite(loaded)
     for name, tensor in solver_tensors(loaded).items():

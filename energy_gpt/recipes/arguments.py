@@ -7,7 +7,6 @@ from typing import Any
 from ..modeling.configuration_energy_gpt import NAG_LOOKAHEAD_MODES
 from ..modeling.solvers_energy_gpt import ATTENTION_SOLVERS
 
-
 # EnergyGPT's attention (`c_attn`, `c_proj`) and MLP output (`c_proj`) are plain `nn.Linear`s: the usual GPT-2 LoRA
 # targets. The sequence-classification head `score` is trained in full (PEFT `modules_to_save`).
 DEFAULT_LORA_TARGET_MODULES = "c_attn,c_proj"

@@ -4,6 +4,7 @@ save (model or adapter, model card, push) and the `*_results.json` files of the 
 import json
 import logging
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -12,17 +13,40 @@ from typing import Any
 import datasets
 import torch
 import transformers
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    HfArgumentParser,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
 
 from ..io_utils import atomic_write_json
 from ..model_card import write_model_card
 from ..modeling import EnergyGPTConfig
 from .arguments import ModelArguments
 
-
 logger = logging.getLogger(__name__)
 
 LORA_ADAPTER_DIRNAME = "lora_adapter"
+
+
+def parse_recipe_args(data_arguments_class: type, argv: list[str]) -> tuple[ModelArguments, Any, TrainingArguments]:
+    """(ModelArguments, data arguments, TrainingArguments) from the command line, or from one .json file."""
+    use_cpu_data_parallel_without_accelerator()
+    parser = HfArgumentParser((ModelArguments, data_arguments_class, TrainingArguments))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def use_cpu_data_parallel_without_accelerator() -> None:
+    """Under `torchrun` on a machine without GPU, accelerate starts the multi-process CPU (gloo) set-up only when told
+    to use the CPU; without it every rank would silently train its own copy. Must run before TrainingArguments."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -172,6 +196,10 @@ class RecipeTrainer(Trainer):
     def create_model_card(self, **kwargs) -> None:
         if not self.is_world_process_zero():
             return
+        if not (Path(self.args.output_dir) / "config.json").is_file():
+            # A LoRA adapter folder (no config.json): PEFT's own card, which names the base model, as Trainer does.
+            super().create_model_card(**kwargs)
+            return
         write_model_card(
             self.args.output_dir, base_model=self.base_model, command=self.card_command, datasets=self.card_datasets
         )
@@ -181,11 +209,12 @@ def save_trained_model(trainer: RecipeTrainer, model_args: ModelArguments) -> No
     """Save the model (or the LoRA adapter, or the merged model) and the tokenizer to --output_dir, like
     `trainer.save_model()`; only the main process writes. Every rank must call it (merging runs on each rank)."""
     if model_args.use_lora and model_args.merge_lora:
-        trainer.save_model(str(Path(trainer.args.output_dir) / LORA_ADAPTER_DIRNAME))
+        trainer.save_model(str(Path(trainer.args.output_dir) / LORA_ADAPTER_DIRNAME), _internal_call=True)
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
         # From now on the trainer (evaluation, push_to_hub) works with the merged full model.
         trainer.model = trainer.model_wrapped = merged
-    trainer.save_model()
+    # `_internal_call`: no "Model save" push here; `finish` pushes once, with the model card and the results.
+    trainer.save_model(_internal_call=True)
 
 
 def finish(trainer: RecipeTrainer, push_kwargs: dict[str, Any] | None = None) -> None:

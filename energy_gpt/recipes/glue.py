@@ -14,7 +14,6 @@ The metrics are the official ones, computed locally (`energy_gpt.recipes.metrics
 
 import csv
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -23,9 +22,7 @@ from datasets import load_dataset
 from transformers import (
     DataCollatorWithPadding,
     EvalPrediction,
-    HfArgumentParser,
     Trainer,
-    TrainingArguments,
     default_data_collator,
     set_seed,
 )
@@ -40,6 +37,7 @@ from .common import (
     data_files_and_builder,
     finish,
     limit_samples,
+    parse_recipe_args,
     recipe_command,
     save_results,
     save_trained_model,
@@ -47,7 +45,6 @@ from .common import (
     wrap_with_lora,
 )
 from .metrics import GLUE_TASK_METRICS, classification_metrics, glue_metrics
-
 
 logger = logging.getLogger(__name__)
 
@@ -182,11 +179,7 @@ def label_scheme(data_args: DataTrainingArguments, raw_datasets) -> tuple[bool, 
 def run(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
     """Train and/or evaluate; return the trainer and all metrics (what `all_results.json` holds)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parse_recipe_args(DataTrainingArguments, argv)
     setup_logging(training_args)
     if not (training_args.do_train or training_args.do_eval):
         raise ValueError("Nothing to do: pass --do_train and/or --do_eval.")
@@ -319,4 +312,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["GLUE_TASK_METRICS", "TASK_TO_KEYS", "TASK_LABEL_NAMES", "main", "run"]
+__all__ = ["GLUE_TASK_METRICS", "TASK_LABEL_NAMES", "TASK_TO_KEYS", "main", "run"]

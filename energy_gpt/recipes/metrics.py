@@ -8,7 +8,6 @@ stsb -> pearson, spearmanr.
 import numpy as np
 from scipy import stats
 
-
 GLUE_TASK_METRICS: dict[str, tuple[str, ...]] = {
     "cola": ("matthews_correlation",),
     "sst2": ("accuracy",),

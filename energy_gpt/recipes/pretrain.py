@@ -10,14 +10,13 @@ the loss and its perplexity.
 """
 
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
 from datasets import IterableDatasetDict, load_dataset
-from transformers import HfArgumentParser, Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import Trainer, default_data_collator, set_seed
 
 from ..modeling import EnergyGPTForCausalLM
 from .arguments import ModelArguments
@@ -29,6 +28,7 @@ from .common import (
     data_files_and_builder,
     finish,
     limit_samples,
+    parse_recipe_args,
     perplexity,
     recipe_command,
     save_results,
@@ -37,7 +37,6 @@ from .common import (
     wrap_with_lora,
 )
 from .metrics import accuracy
-
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +91,10 @@ class DataTrainingArguments:
 def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArguments):
     """A DatasetDict (IterableDatasetDict when streaming) with `train` and, if possible, `validation`."""
     if data_args.dataset_name is not None:
-        load_kwargs = dict(path=data_args.dataset_name, name=data_args.dataset_config_name)
+        load_kwargs = {"path": data_args.dataset_name, "name": data_args.dataset_config_name}
     else:
         data_files, builder = data_files_and_builder(data_args.train_file, data_args.validation_file, TEXT_FILE_BUILDERS)
-        load_kwargs = dict(path=builder, data_files=data_files)
+        load_kwargs = {"path": builder, "data_files": data_files}
         if builder == "text":
             load_kwargs["keep_linebreaks"] = data_args.keep_linebreaks
     load_kwargs.update(cache_dir=model_args.cache_dir, token=model_args.token, streaming=data_args.streaming)
@@ -147,7 +146,7 @@ def build_lm_datasets(raw_datasets, data_args: DataTrainingArguments, tokenizer,
 
     map_kwargs = {}
     if not data_args.streaming:
-        map_kwargs = dict(num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not data_args.overwrite_cache)
+        map_kwargs = {"num_proc": data_args.preprocessing_num_workers, "load_from_cache_file": not data_args.overwrite_cache}
     with training_args.main_process_first(desc="dataset map tokenization"):
         tokenized = raw_datasets.map(tokenize, batched=True, remove_columns=column_names, **map_kwargs)
     with training_args.main_process_first(desc="grouping texts together"):
@@ -166,18 +165,10 @@ def compute_metrics(eval_predictions):
     return {"accuracy": accuracy(np.asarray(predictions)[:, :-1].reshape(-1), np.asarray(labels)[:, 1:].reshape(-1))}
 
 
-def parse_args(argv: list[str] | None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
 def run(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
     """Train and/or evaluate; return the trainer and all metrics (what `all_results.json` holds)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, training_args = parse_args(argv)
+    model_args, data_args, training_args = parse_recipe_args(DataTrainingArguments, argv)
     setup_logging(training_args)
     if not (training_args.do_train or training_args.do_eval):
         raise ValueError("Nothing to do: pass --do_train and/or --do_eval.")

@@ -1,0 +1,560 @@
+"""`energy-gpt compare`: train the same model once per attention solver and compare them.
+
+    energy-gpt compare --output_dir outputs/compare                       # embedded synthetic task, no network
+    energy-gpt compare --solvers gd,momentum --train_file corpus.txt --tokenizer_name gpt2 --output_dir out
+
+Every run starts from the same seed (so the same initial weights: the solvers only add per-layer / per-head scalars
+set from the config), sees the same batches in the same order, for the same number of steps, with the same learning
+rate schedule. Only `attention_solver` changes. The output folder, written atomically (all or nothing), holds:
+
+- `comparison.md`: final validation loss, steps each solver needs to reach the `gd` run's final validation loss,
+  training tokens/s and peak memory of each solver;
+- `loss_curves.csv` / `loss_curves.json`: the training and validation loss curves (the JSON also has the table);
+- `loss_curves.png`: a plot of both curves.
+
+Without `--dataset_name` / `--train_file` / `--validation_file` the task is the embedded longest-increasing-subsequence
+task of `energy_gpt.recipes.synthetic`; with them it is causal-LM text, prepared exactly as `energy-gpt pretrain` does.
+"""
+
+import contextlib
+import csv
+import ctypes
+import ctypes.util
+import dataclasses
+import gc
+import io
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from transformers import (
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+
+from ..io_utils import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..modeling import ATTENTION_SOLVERS, EnergyGPTForCausalLM
+from .arguments import ModelArguments
+from .common import build_config, build_model, build_tokenizer, limit_samples, setup_logging
+from .pretrain import DataTrainingArguments, build_lm_datasets, load_raw_datasets, resolve_block_size
+from .synthetic import LISTask, build_lis_dataset, build_lis_tokenizer
+
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_SOLVER = "gd"
+# A small model trained from scratch, prepended to --config_overrides when there is no --config_name (the user's
+# own overrides come later and win). No dropout: the synthetic data never repeats, and noise would blur the curves.
+DEFAULT_MODEL_OVERRIDES = "n_layer=4,n_embd=64,n_head=4,resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0"
+DEFAULT_TEXT_BLOCK_SIZE = 128
+NOT_REACHED = "not reached"
+
+# TrainingArguments defaults of `compare` (any of them can be changed on the command line): a few-minute CPU run.
+TRAINING_DEFAULTS = dict(
+    output_dir="outputs/compare",
+    max_steps=400,
+    learning_rate=2e-3,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.05,
+    weight_decay=0.01,
+    per_device_train_batch_size=64,
+    per_device_eval_batch_size=256,
+    eval_strategy="steps",
+    eval_steps=50,
+    logging_steps=25,
+    save_strategy="no",
+    report_to="none",
+    log_level="warning",
+)
+
+OUTPUT_FILES = {
+    "table": "comparison.md",
+    "csv": "loss_curves.csv",
+    "json": "loss_curves.json",
+    "plot": "loss_curves.png",
+}
+
+
+@dataclass
+class CompareArguments:
+    """What to compare and the shape of the embedded synthetic task."""
+
+    solvers: str = field(
+        default=",".join(ATTENTION_SOLVERS),
+        metadata={"help": f"Comma-separated solvers to train, in this order; any of {list(ATTENTION_SOLVERS)}. The "
+                          f"'steps to reach' column needs {REFERENCE_SOLVER!r}."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a non-empty --output_dir (only once the new comparison is complete)."}
+    )
+    lis_min_length: int = field(default=8, metadata={"help": "Synthetic task: shortest number sequence."})
+    lis_max_length: int = field(default=16, metadata={"help": "Synthetic task: longest number sequence."})
+    lis_max_value: int = field(default=32, metadata={"help": "Synthetic task: numbers are drawn from [0, max_value)."})
+    num_train_examples: int | None = field(
+        default=None,
+        metadata={"help": "Synthetic task: training examples (default: enough for every step to see new ones)."},
+    )
+    num_validation_examples: int = field(
+        default=512, metadata={"help": "Synthetic task: validation examples (a separate seed from the training ones)."}
+    )
+
+    def __post_init__(self):
+        unknown = [name for name in self.solver_list() if name not in ATTENTION_SOLVERS]
+        if unknown or not self.solver_list():
+            raise ValueError(f"--solvers {self.solvers!r}: unknown or empty; allowed values: {list(ATTENTION_SOLVERS)}.")
+        if len(set(self.solver_list())) != len(self.solver_list()):
+            raise ValueError(f"--solvers {self.solvers!r} names a solver twice.")
+        if self.num_train_examples is not None and self.num_train_examples <= 0:
+            raise ValueError(f"--num_train_examples must be a positive integer, got {self.num_train_examples}.")
+        if self.num_validation_examples <= 0:
+            raise ValueError(f"--num_validation_examples must be a positive integer, got {self.num_validation_examples}.")
+        self.lis_task()  # validates the --lis_* values early
+
+    def solver_list(self) -> list[str]:
+        return [name.strip() for name in self.solvers.split(",") if name.strip()]
+
+    def lis_task(self) -> LISTask:
+        return LISTask(min_length=self.lis_min_length, max_length=self.lis_max_length, max_value=self.lis_max_value)
+
+
+@dataclass
+class CompareDataArguments(DataTrainingArguments):
+    """`pretrain`'s text options; with none of --dataset_name / --train_file / --validation_file the synthetic task
+    is used instead (no default Hub dataset, so the default run needs no network)."""
+
+    def __post_init__(self):
+        self.use_synthetic_task = not (self.dataset_name or self.train_file or self.validation_file)
+        if not self.use_synthetic_task:
+            super().__post_init__()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Measuring a run
+
+
+def _release_freed_heap() -> None:
+    """Return freed heap pages to the OS (glibc), so the next run's RSS baseline is not inflated by the last run."""
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(libc_name).malloc_trim(0)
+
+
+class PeakMemoryMeter:
+    """Peak memory during training steps (evaluation excluded), in bytes.
+
+    CUDA: the largest `torch.cuda.max_memory_allocated()` over the steps (tensors only: weights, optimizer state,
+    activations, gradients). CPU: the process's resident set size (RSS) sampled every `interval` seconds by a
+    background thread while a step runs, minus the RSS just before training; `tracemalloc` cannot see torch's
+    allocations. The CPU figure is approximate (allocator caching, sampling) but comparable between solvers.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.on_cuda = device.type == "cuda"
+        self.device = device
+        self.interval = interval
+        self.peak_bytes = 0
+        self._in_step = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._process = psutil.Process()
+        self._baseline = 0
+
+    @property
+    def description(self) -> str:
+        if self.on_cuda:
+            return "peak torch.cuda.max_memory_allocated() during training steps"
+        return "peak process RSS during training steps minus the RSS before training (psutil sampling, approximate)"
+
+    def start(self) -> None:
+        if self.on_cuda:
+            return
+        _release_freed_heap()
+        self._baseline = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, name="peak-memory-meter", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            if self._in_step.wait(timeout=0.05):
+                self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss - self._baseline)
+                time.sleep(self.interval)
+
+    def step_begin(self) -> None:
+        if self.on_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._in_step.set()
+
+    def step_end(self) -> None:
+        if self.on_cuda:
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
+        else:
+            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss - self._baseline)
+        self._in_step.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._in_step.set()  # wake the sampler so it sees the stop flag
+        if self._thread is not None:
+            self._thread.join()
+
+
+class SolverRunRecorder(TrainerCallback):
+    """Records one run: the training loss Trainer logs, every validation loss, the time spent in training steps
+    (from `on_step_begin` to `on_step_end`: forward, backward, clipping and optimizer step; evaluation and logging
+    excluded) and peak memory."""
+
+    def __init__(self, memory_meter: PeakMemoryMeter):
+        self.memory_meter = memory_meter
+        self.train_curve: list[dict[str, float]] = []
+        self.validation_curve: list[dict[str, float]] = []
+        self.step_seconds = 0.0
+        self._step_started: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.memory_meter.start()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.memory_meter.step_begin()
+        self._step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.memory_meter.on_cuda:
+            torch.cuda.synchronize(self.memory_meter.device)
+        self.step_seconds += time.perf_counter() - self._step_started
+        self.memory_meter.step_end()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.memory_meter.stop()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.train_curve.append({"step": state.global_step, "loss": float(logs["loss"])})
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            point = {"step": state.global_step, "loss": float(metrics["eval_loss"])}
+            if self.validation_curve and self.validation_curve[-1]["step"] == point["step"]:
+                self.validation_curve[-1] = point  # the same step evaluated twice (end of training): keep one
+            else:
+                self.validation_curve.append(point)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def prepare_synthetic_task(compare_args: CompareArguments, training_args: TrainingArguments):
+    """Tokenizer, train and validation datasets of the LIS task, and the config fields the model needs."""
+    task = compare_args.lis_task()
+    tokenizer = build_lis_tokenizer(task)
+    num_train_examples = compare_args.num_train_examples
+    if num_train_examples is None:
+        total_batch = (
+            training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+            * training_args.world_size
+        )
+        num_train_examples = training_args.max_steps * total_batch if training_args.max_steps > 0 else 20_000
+    # Separate seeds: validation sequences are (almost surely) not training sequences.
+    train_dataset = build_lis_dataset(task, tokenizer, num_train_examples, seed=training_args.seed)
+    eval_dataset = build_lis_dataset(task, tokenizer, compare_args.num_validation_examples, seed=training_args.seed + 1)
+    task_fields = dict(
+        vocab_size=len(tokenizer),
+        n_positions=task.block_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    description = (
+        f"longest increasing subsequence (embedded): {num_train_examples} training / "
+        f"{compare_args.num_validation_examples} validation sequences of {task.min_length}-{task.max_length} numbers "
+        f"in [0, {task.max_value}), {task.block_length} tokens each; loss on the answer token only"
+    )
+    return tokenizer, train_dataset, eval_dataset, task_fields, description
+
+
+def prepare_text_task(data_args: CompareDataArguments, model_args: ModelArguments, training_args: TrainingArguments):
+    """Causal-LM text, prepared as in `energy-gpt pretrain` (tokenize, pack into blocks of --block_size)."""
+    if data_args.streaming:
+        raise ValueError("--streaming is not supported by compare: every solver must see the same finite data.")
+    tokenizer = build_tokenizer(model_args)
+    if data_args.block_size is None:
+        data_args.block_size = DEFAULT_TEXT_BLOCK_SIZE
+    raw_datasets = load_raw_datasets(data_args, model_args)
+    probe_config = build_config(model_args)  # only to check --block_size against n_positions
+    block_size = resolve_block_size(data_args, probe_config, tokenizer)
+    lm_datasets = build_lm_datasets(raw_datasets, data_args, tokenizer, block_size, training_args)
+    if "train" not in lm_datasets or "validation" not in lm_datasets:
+        raise ValueError("compare needs a train and a validation split (--train_file, optionally --validation_file).")
+    train_dataset = limit_samples(lm_datasets["train"], data_args.max_train_samples, streaming=False)
+    eval_dataset = limit_samples(lm_datasets["validation"], data_args.max_eval_samples, streaming=False)
+    for name, dataset in (("train", train_dataset), ("validation", eval_dataset)):
+        if len(dataset) == 0:
+            raise ValueError(f"The {name} split has no block of {block_size} tokens; lower --block_size.")
+    source = data_args.dataset_name or ", ".join(filter(None, (data_args.train_file, data_args.validation_file)))
+    description = f"causal LM on {source}: {len(train_dataset)} training / {len(eval_dataset)} validation blocks of {block_size} tokens"
+    return tokenizer, train_dataset, eval_dataset, {}, description
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train_one_solver(
+    solver: str,
+    model_args: ModelArguments,
+    training_args: TrainingArguments,
+    run_dir: Path,
+    tokenizer,
+    train_dataset,
+    eval_dataset,
+    task_fields: dict[str, Any],
+) -> dict[str, Any]:
+    set_seed(training_args.seed)  # same initial weights and data order for every solver
+    config = build_config(model_args, attention_solver=solver, **task_fields)
+    model = build_model(EnergyGPTForCausalLM, model_args, config, tokenizer)
+    run_args = dataclasses.replace(training_args, output_dir=str(run_dir))
+    recorder = SolverRunRecorder(PeakMemoryMeter(run_args.device))
+    trainer = Trainer(
+        model=model,
+        args=run_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        callbacks=[recorder],
+    )
+    logger.warning(f"*** {solver}: training {sum(p.numel() for p in model.parameters()):,} parameters ***")
+    trainer.evaluate()  # step 0: the curves start from the (shared) initial model
+    train_output = trainer.train()
+    if recorder.validation_curve[-1]["step"] != trainer.state.global_step:
+        trainer.evaluate()  # the final validation loss is always measured at the last step
+    tokens = trainer.state.num_input_tokens_seen
+    return {
+        "train": recorder.train_curve,
+        "validation": recorder.validation_curve,
+        "final_validation_loss": recorder.validation_curve[-1]["loss"],
+        "steps": trainer.state.global_step,
+        "train_tokens": int(tokens),
+        "train_step_seconds": recorder.step_seconds,
+        "tokens_per_second": tokens / recorder.step_seconds if recorder.step_seconds > 0 else float("nan"),
+        "peak_memory_mib": recorder.memory_meter.peak_bytes / 2**20,
+        "train_runtime_seconds": train_output.metrics.get("train_runtime"),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def steps_to_reach(validation_curve: list[dict[str, float]], target_loss: float) -> int | None:
+    """First evaluated step whose validation loss is at most `target_loss` (None if never)."""
+    for point in validation_curve:
+        if point["loss"] <= target_loss:
+            return int(point["step"])
+    return None
+
+
+def summarize(results: dict[str, dict[str, Any]]) -> None:
+    """Add `steps_to_reference_final_loss` to every run (None when not reached or without a gd run)."""
+    reference = results.get(REFERENCE_SOLVER)
+    for run in results.values():
+        run["steps_to_reference_final_loss"] = (
+            steps_to_reach(run["validation"], reference["final_validation_loss"]) if reference else None
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def render_table(results: dict[str, dict[str, Any]], header_lines: list[str], memory_description: str) -> str:
+    reference = results.get(REFERENCE_SOLVER)
+    lines = ["# EnergyGPT solver comparison", "", *header_lines, ""]
+    lines += [
+        f"| solver | final validation loss | steps to reach {REFERENCE_SOLVER}'s final validation loss | "
+        "training tokens/s | peak memory (MiB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for solver, run in results.items():
+        if reference is None:
+            steps = f"n/a (no {REFERENCE_SOLVER} run)"
+        elif run["steps_to_reference_final_loss"] is None:
+            steps = NOT_REACHED
+        else:
+            steps = str(run["steps_to_reference_final_loss"])
+        lines.append(
+            f"| {solver} | {run['final_validation_loss']:.4f} | {steps} | {run['tokens_per_second']:,.0f} | "
+            f"{run['peak_memory_mib']:.1f} |"
+        )
+    lines += [
+        "",
+        f"- Steps to reach: the first evaluated step (every `eval_steps`) whose validation loss is at most the "
+        f"`{REFERENCE_SOLVER}` run's final validation loss.",
+        "- Tokens/s: input tokens (padding included) divided by the time spent in training steps (forward, backward, "
+        "optimizer; evaluation and logging excluded).",
+        f"- Peak memory: {memory_description}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_csv(results: dict[str, dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["solver", "split", "step", "loss"])
+    for solver, run in results.items():
+        for split in ("train", "validation"):
+            for point in run[split]:
+                writer.writerow([solver, split, point["step"], repr(point["loss"])])
+    return buffer.getvalue()
+
+
+def render_plot(results: dict[str, dict[str, Any]], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for solver, run in results.items():
+        for axis, split in zip(axes, ("train", "validation")):
+            if run[split]:
+                axis.plot([p["step"] for p in run[split]], [p["loss"] for p in run[split]], marker="." if split == "validation" else None, label=solver)
+    for axis, split in zip(axes, ("training loss", "validation loss")):
+        axis.set_title(split)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("loss (nats / token)")
+    axes[1].legend()
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def write_outputs(
+    output_dir: Path, results: dict[str, dict[str, Any]], settings: dict[str, Any], header_lines: list[str],
+    memory_description: str,
+) -> dict[str, Path]:
+    paths = {kind: output_dir / name for kind, name in OUTPUT_FILES.items()}
+    atomic_write_text(paths["table"], render_table(results, header_lines, memory_description))
+    atomic_write_text(paths["csv"], render_csv(results))
+    atomic_write_json(paths["json"], {"settings": settings, "memory_measure": memory_description, "solvers": results})
+    atomic_write_bytes(paths["plot"], render_plot(results, settings["task"]))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def parse_args(argv: list[str] | None):
+    parser = HfArgumentParser((CompareArguments, ModelArguments, CompareDataArguments, TrainingArguments))
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def check_model_arguments(model_args: ModelArguments) -> None:
+    if model_args.attention_solver is not None:
+        raise ValueError("compare trains every solver of --solvers; do not pass --attention_solver.")
+    if model_args.model_name_or_path is not None:
+        raise ValueError("compare trains every solver from scratch; --model_name_or_path is not supported "
+                         "(use --config_name / --config_overrides for the model shape).")
+    if model_args.use_lora:
+        raise ValueError("compare trains full models; --use_lora is not supported.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    compare_args, model_args, data_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+    check_model_arguments(model_args)
+    training_args.include_num_input_tokens_seen = "all"  # tokens/s needs Trainer's count of input tokens
+    if model_args.config_name is None:
+        model_args.config_overrides = ",".join(filter(None, (DEFAULT_MODEL_OVERRIDES, model_args.config_overrides)))
+
+    set_seed(training_args.seed)
+    if data_args.use_synthetic_task:
+        tokenizer, train_dataset, eval_dataset, task_fields, task_description = prepare_synthetic_task(
+            compare_args, training_args
+        )
+    else:
+        tokenizer, train_dataset, eval_dataset, task_fields, task_description = prepare_text_task(
+            data_args, model_args, training_args
+        )
+
+    solvers = compare_args.solver_list()
+    final_dir = Path(training_args.output_dir)
+    started = time.perf_counter()
+    with atomic_directory(final_dir, overwrite=compare_args.overwrite_output_dir) as staging:
+        results = {}
+        for solver in solvers:
+            results[solver] = train_one_solver(
+                solver, model_args, training_args, staging / "runs" / solver, tokenizer, train_dataset,
+                eval_dataset, task_fields,
+            )
+            logger.warning(f"*** {solver}: final validation loss {results[solver]['final_validation_loss']:.4f} ***")
+        summarize(results)
+        probe = build_config(model_args, attention_solver=solvers[0], **task_fields)
+        settings = {
+            "task": task_description,
+            "solvers": solvers,
+            "model": {name: getattr(probe, name) for name in (
+                "n_layer", "n_embd", "n_head", "n_positions", "vocab_size", "momentum_beta", "newton_lambda",
+                "learn_solver_params", "nag_lookahead")},
+            "max_steps": training_args.max_steps,
+            "learning_rate": training_args.learning_rate,
+            "lr_scheduler_type": str(training_args.lr_scheduler_type),
+            "train_batch_size": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+            * training_args.world_size,
+            "seed": training_args.seed,
+            "device": str(training_args.device),
+            "torch_threads": torch.get_num_threads(),
+            "total_seconds": time.perf_counter() - started,
+        }
+        model = settings["model"]
+        header_lines = [
+            f"- Task: {task_description}.",
+            f"- Model: {model['n_layer']} layers, n_embd {model['n_embd']}, {model['n_head']} heads, trained from "
+            f"scratch; momentum_beta {model['momentum_beta']}, newton_lambda {model['newton_lambda']}.",
+            f"- Training: {settings['max_steps']} steps of {settings['train_batch_size']} sequences, learning rate "
+            f"{settings['learning_rate']} ({settings['lr_scheduler_type']}), seed {settings['seed']}, same data order "
+            f"for every solver; device {settings['device']} ({settings['torch_threads']} threads).",
+        ]
+        memory_description = PeakMemoryMeter(training_args.device).description
+        _remove_empty_dirs(staging / "runs")
+        write_outputs(staging, results, settings, header_lines, memory_description)
+
+    table_path, plot_path = final_dir / OUTPUT_FILES["table"], final_dir / OUTPUT_FILES["plot"]
+    print(table_path.read_text())
+    print(f"Comparison table: {table_path}")
+    print(f"Loss curves plot: {plot_path}")
+    print(f"Loss curves data: {final_dir / OUTPUT_FILES['csv']}, {final_dir / OUTPUT_FILES['json']}")
+    return 0
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    """Drop the per-solver Trainer folders that stayed empty (nothing is saved unless --save_strategy asks)."""
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [root]:
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
