@@ -150,7 +150,13 @@ class EnergyGPTPreTrainedModel(PreTrainedModel):
         "attentions": OutputRecorder(EnergyGPTAttention, index=1),
     }
     # Hub GPT-2 checkpoints carry these legacy causal-mask buffers.
-    _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
+    _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$", r"\.attn\.masked_bias$"]
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers detects support by grepping this file for the attention interface; ours is dispatched in
+        # `solvers_energy_gpt.standard_attention`, so `model.set_attn_implementation("eager" | "sdpa")` works.
+        return True
 
     def __init__(self, config: EnergyGPTConfig, *inputs, **kwargs):
         # Overrides passed to from_pretrained / from_config land on the config after its own checks: check again.
@@ -238,12 +244,16 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        r"""
+        token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            As in GPT-2: looked up in the token embedding and added to the input embeddings.
+        """
         kwargs.pop("output_attentions", None)
         kwargs.pop("output_hidden_states", None)
-        kwargs.pop("token_type_ids", None)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -254,7 +264,10 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
             position_ids = position_ids.unsqueeze(0)
-        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids).to(inputs_embeds.device))
+        hidden_states = inputs_embeds + self.wpe(position_ids).to(inputs_embeds.device)
+        if token_type_ids is not None:
+            hidden_states = hidden_states + self.wte(token_type_ids.view(-1, inputs_embeds.shape[1]))
+        hidden_states = self.drop(hidden_states)
 
         causal_mask = create_causal_mask(
             config=self.config,

@@ -12,6 +12,7 @@ A solver is a small module with one job. It may override
 Adding a solver means writing one class here and adding one line to `ATTENTION_SOLVERS`.
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -35,6 +36,14 @@ def standard_attention(module: nn.Module, query, key, value, attention_mask, **k
     return interface(module, query, key, value, attention_mask, **kwargs)
 
 
+@functools.lru_cache(maxsize=32)
+def _future_positions(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean (q_len, kv_len) mask of the keys a causal query may not see (queries = the last q_len positions).
+    Cached: every layer and every query chunk of a forward (and the backward recomputation) asks for the same few."""
+    with torch.inference_mode(False):  # a normal tensor even if first built under inference mode
+        return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).triu(kv_len - q_len + 1)
+
+
 def attention_probabilities(query, key, attention_mask, scaling: float) -> torch.Tensor:
     """Softmax attention weights in fp32, whatever form the mask takes.
 
@@ -45,8 +54,7 @@ def attention_probabilities(query, key, attention_mask, scaling: float) -> torch
     scores = torch.matmul(query.float() * scaling, key.float().transpose(-1, -2))
     q_len, kv_len = scores.shape[-2:]
     if attention_mask is None:
-        hidden = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).triu(kv_len - q_len + 1)
-        scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
+        scores.masked_fill_(_future_positions(q_len, kv_len, scores.device), torch.finfo(scores.dtype).min)
     elif attention_mask.dtype == torch.bool:
         scores.masked_fill_(~attention_mask[..., :kv_len], torch.finfo(scores.dtype).min)
     else:

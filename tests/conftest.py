@@ -43,7 +43,7 @@ def gpt2_to_energy_state_dict(gpt2_state_dict: dict) -> dict:
     return {
         key: value.t().contiguous() if key.endswith(CONV1D_SUFFIXES) else value
         for key, value in gpt2_state_dict.items()
-        if not key.endswith(("attn.bias", "attn.masked_bias"))
+        if not key.endswith((".attn.bias", ".attn.masked_bias"))
     }
 
 

@@ -210,15 +210,8 @@ def test_solver_matches_reference_loop(case, attn):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def gpt2_state_for_energy(gpt2_state: dict) -> dict:
-    state = gpt2_to_energy_state_dict(gpt2_state)
-    # conftest's legacy-buffer filter (`endswith("attn.bias")`) also drops `c_attn.bias`: put those back.
-    state.update({name: value for name, value in gpt2_state.items() if name.endswith("c_attn.bias")})
-    return state
-
-
 def transplant_gpt2(gpt2, energy_model):
-    missing, unexpected = energy_model.load_state_dict(gpt2_state_for_energy(gpt2.state_dict()), strict=False)
+    missing, unexpected = energy_model.load_state_dict(gpt2_to_energy_state_dict(gpt2.state_dict()), strict=False)
     assert all(name.endswith(SOLVER_PARAM_SUFFIXES) for name in missing), missing
     assert set(unexpected) <= {"lm_head.weight"}, unexpected  # tied: not in EnergyGPT's state dict
     return energy_model
@@ -304,7 +297,7 @@ def generation_model(variant, attn):
 
 def greedy(model, input_ids, attention_mask=None, **kwargs):
     return model.generate(
-        input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD, **kwargs
+        input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD, **kwargs
     )
 
 
@@ -315,7 +308,7 @@ def test_greedy_generation_with_cache_equals_without(variant, attn):
     input_ids = torch.randint(0, PAD, (2, 5))
     cached = greedy(model, input_ids, use_cache=True, output_scores=True, return_dict_in_generate=True)
     uncached = greedy(model, input_ids, use_cache=False, output_scores=True, return_dict_in_generate=True)
-    assert cached.sequences.shape == (2, 11)
+    assert cached.sequences.shape == (2, 9)
     assert torch.equal(cached.sequences, uncached.sequences)
     for cached_scores, uncached_scores in zip(cached.scores, uncached.scores):
         torch.testing.assert_close(cached_scores, uncached_scores, atol=1e-5, rtol=0)
@@ -447,7 +440,7 @@ def test_gpt2_shaped_checkpoint_gets_solver_params_from_config(solver, learn, tm
     from uninitialised memory."""
     config = tiny_config(attention_solver=solver, momentum_beta=0.3, newton_lambda=0.25, learn_solver_params=learn)
     config.save_pretrained(tmp_path)
-    gpt2_state = gpt2_state_for_energy(GPT2LMHeadModel(tiny_gpt2_config()).state_dict())
+    gpt2_state = gpt2_to_energy_state_dict(GPT2LMHeadModel(tiny_gpt2_config()).state_dict())
     gpt2_state.pop("lm_head.weight")  # Hub GPT-2 checkpoints do not store the tied head
     save_file(gpt2_state, tmp_path / "model.safetensors", metadata={"format": "pt"})
 

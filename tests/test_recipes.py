@@ -15,6 +15,7 @@ import torch
 from conftest import REPO_ROOT, shared_data_path
 
 TINY_OVERRIDES = "n_layer=2,n_embd=32,n_head=4,n_positions=64,resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0"
+TINY_VOCAB = 320  # the tiny BPE tokenizer's vocabulary
 QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--log_level", "warning", "--seed", "0"]
 
 
@@ -41,7 +42,7 @@ def tiny_tokenizer_dir(tmp_path_factory, shakespeare_files) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator([shakespeare_files[0].read_text()], trainer)
@@ -80,10 +81,10 @@ def read_json(path: Path) -> dict:
 
 
 def pretrain_args(tokenizer_dir, train, valid, output_dir, *extra) -> list[str]:
+    files = ["--train_file", str(train)] + (["--validation_file", str(valid)] if valid is not None else [])
     return [
-        "--train_file", str(train), "--validation_file", str(valid), "--tokenizer_name", str(tokenizer_dir),
-        "--config_overrides", TINY_OVERRIDES, "--block_size", "32", "--per_device_train_batch_size", "8",
-        "--per_device_eval_batch_size", "16", "--learning_rate", "3e-3", "--output_dir", str(output_dir),
+        *files, "--tokenizer_name", str(tokenizer_dir), "--config_overrides", f"{TINY_OVERRIDES},vocab_size={TINY_VOCAB}",
+        "--block_size", "32", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--learning_rate", "3e-3", "--output_dir", str(output_dir),
         "--cache_dir", str(Path(output_dir).parent / "hf-datasets-cache"), *QUIET, *extra,
     ]
 
@@ -137,7 +138,7 @@ def test_metrics_agree_with_sklearn_on_random_labels():
 
 
 def test_pretrain_lowers_validation_loss_and_writes_results(tmp_path, tiny_tokenizer_dir, shakespeare_files):
-    from energy_gpt.recipes import pretrain
+    from energy_gpt.cli import main as energy_gpt_main
 
     output_dir = tmp_path / "run"
     argv = pretrain_args(
@@ -145,7 +146,7 @@ def test_pretrain_lowers_validation_loss_and_writes_results(tmp_path, tiny_token
         "--eval_strategy", "steps", "--eval_steps", "30", "--eval_on_start", "true", "--save_strategy", "no",
         "--attention_solver", "momentum", "--momentum_beta", "0.3",
     )
-    assert pretrain.main(argv) == 0
+    assert energy_gpt_main(["pretrain", *argv]) == 0  # through the `energy-gpt` command line
 
     history = read_json(output_dir / "trainer_state.json")["log_history"]
     eval_losses = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
@@ -188,6 +189,21 @@ def test_pretrain_resume_continues_from_the_checkpoint_step(tmp_path, tiny_token
     full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()
     for name, tensor in full_state.items():
         torch.testing.assert_close(resumed_state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_pretrain_streams_a_jsonl_file(tmp_path, tiny_tokenizer_dir, shakespeare_files):
+    """--streaming: no dataset length; the validation split is carved from the stream (--validation_split_percentage)."""
+    from energy_gpt.recipes import pretrain
+
+    train_jsonl = tmp_path / "train.jsonl"
+    paragraphs = shakespeare_files[0].read_text().split("\n\n")
+    train_jsonl.write_text("".join(json.dumps({"id": i, "text": p}) + "\n" for i, p in enumerate(paragraphs)))
+    argv = pretrain_args(tiny_tokenizer_dir, train_jsonl, None, tmp_path / "stream", "--streaming", "--do_train",
+                         "--do_eval", "--max_steps", "3", "--max_eval_samples", "10", "--save_strategy", "no",
+                         "--validation_split_percentage", "10")
+    _, metrics = pretrain.run(argv)
+    assert metrics["train_samples"] == 3 * 8 and metrics["eval_samples"] == 10
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
 
 
 def test_pretrain_rejects_bad_arguments(tmp_path, tiny_tokenizer_dir, shakespeare_files):
@@ -242,6 +258,43 @@ def test_glue_writes_the_task_metrics(tmp_path, gpt2_tokenizer_dir, task):
     assert config["id2label"] == {str(i): name for i, name in enumerate(glue.TASK_LABEL_NAMES[task])}
     assert config["finetuning_task"] == task
     assert config["auto_map"]["AutoModelForSequenceClassification"].endswith("EnergyGPTForSequenceClassification")
+
+
+def test_glue_mnli_from_the_hub_evaluates_matched_and_mismatched(tmp_path, monkeypatch, gpt2_tokenizer_dir):
+    """--task_name mnli alone loads nyu-mll/glue (replaced here by a local stand-in, no network) and reports both
+    validation splits, the mismatched one with `_mm` keys as run_glue.py."""
+    import datasets
+
+    from energy_gpt.recipes import glue
+
+    features = datasets.Features({
+        "premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+        "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"]), "idx": datasets.Value("int32"),
+    })
+    rows = {"premise": ["A man eats.", "Two dogs run in a park.", "It rains.", "She reads a long book."] * 4,
+            "hypothesis": ["Someone eats.", "Cats sleep.", "It is dry.", "A person reads."] * 4,
+            "label": [0, 2, 2, 0] * 4, "idx": list(range(16))}
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append((path, name))
+        def split(n):
+            return datasets.Dataset.from_dict({key: values[:n] for key, values in rows.items()}, features=features)
+
+        return datasets.DatasetDict(train=split(16), validation_matched=split(8), validation_mismatched=split(4))
+
+    monkeypatch.setattr(glue, "load_dataset", fake_load_dataset)
+    glue.run([
+        "--task_name", "mnli", "--tokenizer_name", str(gpt2_tokenizer_dir), "--config_overrides", TINY_OVERRIDES,
+        "--do_train", "--do_eval", "--max_steps", "2", "--per_device_train_batch_size", "8",
+        "--output_dir", str(tmp_path / "mnli"), "--save_strategy", "no", *QUIET,
+    ])
+    assert calls == [("nyu-mll/glue", "mnli")]
+    eval_results = read_json(tmp_path / "mnli" / "eval_results.json")
+    assert eval_results["eval_samples"] == 8 and eval_results["eval_samples_mm"] == 4
+    assert {"eval_accuracy", "eval_accuracy_mm", "eval_loss", "eval_loss_mm"} <= set(eval_results)
+    config = read_json(tmp_path / "mnli" / "config.json")
+    assert config["id2label"] == {"0": "entailment", "1": "neutral", "2": "contradiction"}
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,11 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow code from the Hub (needed only for non-EnergyGPT remote code)."}
     )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Start layers whose checkpoint shape differs anew (e.g. a classifier with another number "
+                          "of labels)."},
+    )
     dtype: str | None = field(
         default=None,
         metadata={"help": "Load the model in this dtype.", "choices": ["auto", "bfloat16", "float16", "float32"]},

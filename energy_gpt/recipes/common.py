@@ -131,7 +131,11 @@ def build_model(
     if model_args.model_name_or_path:
         dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
         model = model_class.from_pretrained(
-            model_args.model_name_or_path, config=config, dtype=dtype, **hub_kwargs(model_args)
+            model_args.model_name_or_path,
+            config=config,
+            dtype=dtype,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            **hub_kwargs(model_args),
         )
     else:
         model = model_class._from_config(config)

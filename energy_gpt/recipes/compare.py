@@ -76,6 +76,7 @@ TRAINING_DEFAULTS = dict(
     save_strategy="no",
     report_to="none",
     log_level="warning",
+    dataloader_pin_memory=False,  # tiny batches: nothing to gain, and a warning on CPU
 )
 
 OUTPUT_FILES = {
@@ -95,8 +96,14 @@ class CompareArguments:
         metadata={"help": f"Comma-separated solvers to train, in this order; any of {list(ATTENTION_SOLVERS)}. The "
                           f"'steps to reach' column needs {REFERENCE_SOLVER!r}."},
     )
-    overwrite_output_dir: bool = field(
+    overwrite: bool = field(
         default=False, metadata={"help": "Replace a non-empty --output_dir (only once the new comparison is complete)."}
+    )
+    torch_num_threads: int = field(
+        default=1,
+        metadata={"help": "CPU threads for PyTorch's operators (torch.set_num_threads); 0 keeps PyTorch's default (one "
+                          "per core). 1 by default: the default model is so small that a second thread gains little, "
+                          "and on a busy machine spinning OpenMP threads made each step ~10x slower in our tests."},
     )
     lis_min_length: int = field(default=8, metadata={"help": "Synthetic task: shortest number sequence."})
     lis_max_length: int = field(default=16, metadata={"help": "Synthetic task: longest number sequence."})
@@ -117,6 +124,8 @@ class CompareArguments:
             raise ValueError(f"--solvers {self.solvers!r} names a solver twice.")
         if self.num_train_examples is not None and self.num_train_examples <= 0:
             raise ValueError(f"--num_train_examples must be a positive integer, got {self.num_train_examples}.")
+        if self.torch_num_threads < 0:
+            raise ValueError(f"--torch_num_threads must be >= 0 (0: PyTorch's default), got {self.torch_num_threads}.")
         if self.num_validation_examples <= 0:
             raise ValueError(f"--num_validation_examples must be a positive integer, got {self.num_validation_examples}.")
         self.lis_task()  # validates the --lis_* values early
@@ -172,9 +181,9 @@ class PeakMemoryMeter:
         self._process = psutil.Process()
         self._baseline = 0
 
-    @property
-    def description(self) -> str:
-        if self.on_cuda:
+    @staticmethod
+    def describe(device: torch.device) -> str:
+        if device.type == "cuda":
             return "peak torch.cuda.max_memory_allocated() during training steps"
         return "peak process RSS during training steps minus the RSS before training (psutil sampling, approximate)"
 
@@ -312,6 +321,16 @@ def prepare_text_task(data_args: CompareDataArguments, model_args: ModelArgument
 # Training
 
 
+def build_solver_model(
+    solver: str, model_args: ModelArguments, tokenizer, task_fields: dict[str, Any], seed: int
+) -> EnergyGPTForCausalLM:
+    """A fresh model with `solver`. Seeding right before building gives every solver the same initial weights: the
+    solvers differ only by their beta / lambda scalars, which are set from the config, not drawn at random."""
+    set_seed(seed)  # (the data order is the same too: Trainer seeds its sampler from `args.seed`)
+    config = build_config(model_args, attention_solver=solver, **task_fields)
+    return build_model(EnergyGPTForCausalLM, model_args, config, tokenizer)
+
+
 def train_one_solver(
     solver: str,
     model_args: ModelArguments,
@@ -322,9 +341,7 @@ def train_one_solver(
     eval_dataset,
     task_fields: dict[str, Any],
 ) -> dict[str, Any]:
-    set_seed(training_args.seed)  # same initial weights and data order for every solver
-    config = build_config(model_args, attention_solver=solver, **task_fields)
-    model = build_model(EnergyGPTForCausalLM, model_args, config, tokenizer)
+    model = build_solver_model(solver, model_args, tokenizer, task_fields, seed=training_args.seed)
     run_args = dataclasses.replace(training_args, output_dir=str(run_dir))
     recorder = SolverRunRecorder(PeakMemoryMeter(run_args.device))
     trainer = Trainer(
@@ -487,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     if model_args.config_name is None:
         model_args.config_overrides = ",".join(filter(None, (DEFAULT_MODEL_OVERRIDES, model_args.config_overrides)))
 
+    if compare_args.torch_num_threads:
+        torch.set_num_threads(compare_args.torch_num_threads)
     set_seed(training_args.seed)
     if data_args.use_synthetic_task:
         tokenizer, train_dataset, eval_dataset, task_fields, task_description = prepare_synthetic_task(
@@ -500,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     solvers = compare_args.solver_list()
     final_dir = Path(training_args.output_dir)
     started = time.perf_counter()
-    with atomic_directory(final_dir, overwrite=compare_args.overwrite_output_dir) as staging:
+    with atomic_directory(final_dir, overwrite=compare_args.overwrite) as staging:
         results = {}
         for solver in solvers:
             results[solver] = train_one_solver(
@@ -535,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{settings['learning_rate']} ({settings['lr_scheduler_type']}), seed {settings['seed']}, same data order "
             f"for every solver; device {settings['device']} ({settings['torch_threads']} threads).",
         ]
-        memory_description = PeakMemoryMeter(training_args.device).description
+        memory_description = PeakMemoryMeter.describe(training_args.device)
         _remove_empty_dirs(staging / "runs")
         write_outputs(staging, results, settings, header_lines, memory_description)
 

@@ -217,9 +217,12 @@ def run(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         save_trained_model(trainer, model_args)
         metrics = dict(train_result.metrics)
-        metrics["train_samples"] = (
-            data_args.max_train_samples if data_args.streaming else len(train_dataset)
-        )
+        if data_args.streaming:  # no length: count the blocks the optimizer steps consumed
+            args = training_args
+            blocks = trainer.state.global_step * args.train_batch_size * args.gradient_accumulation_steps
+            metrics["train_samples"] = blocks * args.world_size
+        else:
+            metrics["train_samples"] = len(train_dataset)
         save_results(trainer, "train", metrics)
         trainer.save_state()
         all_metrics.update(metrics)
@@ -227,7 +230,10 @@ def run(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
     if training_args.do_eval:
         logger.info("*** Evaluate ***")
         metrics = trainer.evaluate()
-        metrics["eval_samples"] = data_args.max_eval_samples if data_args.streaming else len(eval_dataset)
+        if not data_args.streaming:
+            metrics["eval_samples"] = len(eval_dataset)
+        elif data_args.max_eval_samples is not None:
+            metrics["eval_samples"] = data_args.max_eval_samples
         metrics["perplexity"] = perplexity(metrics["eval_loss"])
         save_results(trainer, "eval", metrics)
         all_metrics.update(metrics)
