@@ -441,3 +441,56 @@ def test_torchrun_two_processes_agree_on_the_final_weights(tmp_path, tiny_tokeni
     # Only the main process writes the run's files, and they are complete.
     train_results = read_json(output_dir / "train_results.json")
     assert train_results["train_samples"] > 0 and (output_dir / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model arguments (shared with `compare`)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_model_arguments_build_the_config_with_clear_errors(tmp_path):
+    from transformers import GPT2Config
+
+    from energy_gpt import EnergyGPTConfig
+    from energy_gpt.recipes.arguments import ModelArguments
+    from energy_gpt.recipes.common import build_config
+
+    GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64).save_pretrained(tmp_path / "gpt2")
+    config = build_config(ModelArguments(config_name=str(tmp_path / "gpt2"), config_overrides="n_layer=3",
+                                         attention_solver="nag", momentum_beta=0.2, nag_lookahead="query"))
+    assert isinstance(config, EnergyGPTConfig) and config.auto_map["AutoModelForCausalLM"]
+    assert (config.n_layer, config.n_embd, config.attention_solver, config.momentum_beta, config.nag_lookahead) == (
+        3, 32, "nag", 0.2, "query")
+    assert build_config(ModelArguments(), num_labels=3).num_labels == 3
+
+    with pytest.raises(ValueError, match="must be divisible by `n_head`"):
+        build_config(ModelArguments(config_overrides="n_embd=30,n_head=4"))
+    with pytest.raises(ValueError, match="--config_overrides 'foo=1'"):
+        build_config(ModelArguments(config_overrides="foo=1"))
+    with pytest.raises(ValueError, match="--config_overrides can't be used with --model_name_or_path"):
+        ModelArguments(model_name_or_path="x", config_overrides="n_layer=1")
+    with pytest.raises(ValueError, match="--merge_lora needs --use_lora"):
+        ModelArguments(merge_lora=True)
+    with pytest.raises(ValueError, match=r"--momentum_beta must be in \[0, 1\)"):
+        ModelArguments(momentum_beta=1.0)
+    assert ModelArguments().lora_target_list() == ["c_attn", "c_proj"]
+
+
+def test_data_arguments_defaults_and_errors():
+    from energy_gpt.recipes import glue, pretrain
+
+    assert pretrain.DataTrainingArguments().dataset_name == "JeanKaddour/minipile"
+    assert pretrain.DataTrainingArguments(train_file="a.txt").dataset_name is None
+    with pytest.raises(ValueError, match="either --dataset_name or --train_file"):
+        pretrain.DataTrainingArguments(dataset_name="x", train_file="a.txt")
+    with pytest.raises(ValueError, match="--validation_split_percentage must be in 1..99"):
+        pretrain.DataTrainingArguments(validation_split_percentage=0)
+
+    rte = glue.DataTrainingArguments(task_name="RTE")
+    assert (rte.task_name, rte.dataset_name, rte.dataset_config_name) == ("rte", "nyu-mll/glue", "rte")
+    assert glue.DataTrainingArguments(task_name="sst2", train_file="t.tsv").dataset_name is None
+    with pytest.raises(ValueError, match="--task_name 'mnli-mm' is not a GLUE task"):
+        glue.DataTrainingArguments(task_name="mnli-mm")
+    with pytest.raises(ValueError, match="Need --task_name, --dataset_name or --train_file"):
+        glue.DataTrainingArguments()
+    assert set(glue.TASK_TO_KEYS) == set(glue.TASK_LABEL_NAMES) == set(glue.GLUE_TASK_METRICS)

@@ -17,7 +17,9 @@ the same length, so each step trains on exactly `batch_size * block_length` toke
 """
 
 import bisect
+import math
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 from datasets import Dataset
@@ -34,9 +36,9 @@ class LISTask:
     """Shape of the generated examples. Numbers are drawn uniformly from `[0, max_value)`, lengths from
     `[min_length, max_length]`; duplicates are allowed (the subsequence must be strictly increasing)."""
 
-    min_length: int = 8
-    max_length: int = 16
-    max_value: int = 32
+    min_length: int = 4
+    max_length: int = 10
+    max_value: int = 16
 
     def __post_init__(self):
         if not 1 <= self.min_length <= self.max_length:
@@ -74,6 +76,14 @@ def generate_lis_examples(task: LISTask, num_examples: int, seed: int) -> list[d
         numbers = [rng.randrange(task.max_value) for _ in range(length)]
         examples.append({"numbers": numbers, "lis_length": longest_increasing_subsequence_length(numbers)})
     return examples
+
+
+def answer_entropy(examples: list[dict]) -> float:
+    """Entropy (nats) of the LIS lengths: the validation loss of a model that predicts the answer without reading
+    the numbers. A loss below it means the model computes something about the sequence."""
+    counts = Counter(example["lis_length"] for example in examples)
+    total = sum(counts.values())
+    return -sum(count / total * math.log(count / total) for count in counts.values())
 
 
 def example_to_text(example: dict) -> str:
@@ -128,6 +138,7 @@ def build_lis_dataset(
 
 __all__ = [
     "LISTask",
+    "answer_entropy",
     "build_lis_dataset",
     "build_lis_tokenizer",
     "example_to_text",
