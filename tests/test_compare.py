@@ -8,7 +8,6 @@ import random
 import pytest
 import torch
 
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_MODEL = "n_layer=1,n_embd=16,n_head=2"
 # A run of a few seconds: tiny model, tiny task, 6 steps, evaluation every 3.
@@ -74,7 +73,12 @@ def test_generated_examples_are_deterministic_per_seed_and_labelled_correctly():
 
 
 def test_dataset_labels_only_the_answer_and_round_trips_through_the_tokenizer():
-    from energy_gpt.recipes.synthetic import IGNORE_INDEX, LISTask, build_lis_dataset, build_lis_tokenizer
+    from energy_gpt.recipes.synthetic import (
+        IGNORE_INDEX,
+        LISTask,
+        build_lis_dataset,
+        build_lis_tokenizer,
+    )
 
     task = LISTask(min_length=3, max_length=7, max_value=10)
     tokenizer = build_lis_tokenizer(task)
@@ -112,7 +116,7 @@ def test_every_solver_starts_from_the_same_weights():
 
     tokenizer = build_lis_tokenizer(LISTask())
     model_args = ModelArguments(config_overrides=TINY_MODEL)
-    fields = dict(vocab_size=len(tokenizer), n_positions=LISTask().block_length)
+    fields = {"vocab_size": len(tokenizer), "n_positions": LISTask().block_length}
     reference = build_solver_model("gd", model_args, tokenizer, fields, seed=5).state_dict()
     for solver in ("momentum", "newton"):
         state = build_solver_model(solver, model_args, tokenizer, fields, seed=5).state_dict()
@@ -124,12 +128,17 @@ def test_every_solver_starts_from_the_same_weights():
 
 
 def test_steps_to_reach_and_table():
-    from energy_gpt.recipes.compare import NOT_REACHED, render_table, steps_to_reach, summarize
+    from energy_gpt.recipes.compare import (
+        NOT_REACHED,
+        render_table,
+        steps_to_reach,
+        summarize,
+    )
 
     curve = [{"step": 0, "loss": 3.0}, {"step": 10, "loss": 1.5}, {"step": 20, "loss": 1.2}]
     assert steps_to_reach(curve, 1.5) == 10
     assert steps_to_reach(curve, 1.0) is None
-    run = dict(tokens_per_second=1000.0, peak_memory_mib=1.0)
+    run = {"tokens_per_second": 1000.0, "peak_memory_mib": 1.0}
     results = {
         "gd": {**run, "validation": curve, "final_validation_loss": 1.2},
         "nag": {**run, "validation": [{"step": 0, "loss": 3.0}, {"step": 10, "loss": 1.1}], "final_validation_loss": 1.1},
@@ -202,7 +211,12 @@ def test_compare_short_run_writes_table_curves_and_plot(tmp_path, capsys):
 def test_compare_on_a_text_file(tmp_path):
     """--train_file switches to causal-LM text (here lines of numbers, read with a saved word-level tokenizer)."""
     from energy_gpt.recipes.compare import main
-    from energy_gpt.recipes.synthetic import LISTask, build_lis_tokenizer, example_to_text, generate_lis_examples
+    from energy_gpt.recipes.synthetic import (
+        LISTask,
+        build_lis_tokenizer,
+        example_to_text,
+        generate_lis_examples,
+    )
 
     task = LISTask(min_length=3, max_length=6, max_value=8)
     tokenizer_dir = tmp_path / "tokenizer"

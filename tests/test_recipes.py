@@ -366,22 +366,33 @@ def test_pretrain_lora_saves_only_the_adapter(tmp_path, tiny_tokenizer_dir, shak
 
 
 def test_push_to_hub_uploads_a_complete_checkpoint(tmp_path, monkeypatch, gpt2_tokenizer_dir):
-    """--push_to_hub goes through TrainingArguments / Trainer; a fake Hub API records what would be uploaded."""
-    import transformers.trainer
+    """--push_to_hub (TrainingArguments) uploads exactly what `energy-gpt push` validates; a fake Hub API records it."""
+    import fnmatch
 
+    from energy_gpt import hub
     from energy_gpt.recipes import glue
 
     uploads = []
 
     class FakeHubApi:
+        def __init__(self, token=None):
+            pass
+
         def create_repo(self, repo_id, **kwargs):
             return type("RepoUrl", (), {"repo_id": repo_id})()
 
-        def upload_folder(self, *, repo_id, folder_path, **kwargs):
-            files = {str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()}
+        def upload_folder(self, *, repo_id, folder_path, allow_patterns, **kwargs):
+            files = {
+                str(p.relative_to(folder_path))
+                for p in Path(folder_path).rglob("*")
+                if p.is_file() and any(fnmatch.fnmatch(str(p.relative_to(folder_path)), pat) for pat in allow_patterns)
+            }
             uploads.append((repo_id, files, (Path(folder_path) / "README.md").read_text()))
 
-    monkeypatch.setattr(transformers.trainer, "hf_api", FakeHubApi)
+    import transformers.trainer
+
+    monkeypatch.setattr(hub, "HfApi", FakeHubApi)
+    monkeypatch.setattr(transformers.trainer, "hf_api", FakeHubApi)  # the Trainer creates the repo at start
     train, valid = glue_split(tmp_path, "sst2", n_train=16, n_eval=8)
     glue.run(glue_args(
         "sst2", train, valid, gpt2_tokenizer_dir, tmp_path / "push", "--config_overrides", TINY_OVERRIDES,
@@ -390,9 +401,11 @@ def test_push_to_hub_uploads_a_complete_checkpoint(tmp_path, monkeypatch, gpt2_t
     assert len(uploads) == 1
     repo_id, files, card = uploads[0]
     assert repo_id == "someone/energy-gpt-sst2"
+    assert files == {name for name, _ in hub.upload_files(tmp_path / "push")}
     expected = {"config.json", "model.safetensors", "modeling_energy_gpt.py", "configuration_energy_gpt.py",
                 "solvers_energy_gpt.py", "tokenizer.json", "tokenizer_config.json", "README.md"}
     assert expected <= files, expected - files
+    assert "training_args.bin" not in files
     assert "energy-gpt glue" in card and "--push_to_hub" in card
 
 
@@ -494,3 +507,54 @@ def test_data_arguments_defaults_and_errors():
     with pytest.raises(ValueError, match="Need --task_name, --dataset_name or --train_file"):
         glue.DataTrainingArguments()
     assert set(glue.TASK_TO_KEYS) == set(glue.TASK_LABEL_NAMES) == set(glue.GLUE_TASK_METRICS)
+
+
+def test_pretrain_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, tiny_tokenizer_dir, shakespeare_files):
+    """SIGKILL a real `energy-gpt pretrain` process after a checkpoint; `--resume_from_checkpoint last` then ends on
+    the weights of a run that was never interrupted (same seed, CPU)."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    common = ["--do_train", "--max_steps", "40", "--save_steps", "5", "--logging_steps", "5"]
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "energy_gpt", "pretrain",
+         *pretrain_args(tiny_tokenizer_dir, *shakespeare_files, killed_dir, *common)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 240
+    while not (killed_dir / "checkpoint-10" / "trainer_state.json").exists():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within the time limit"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed_dir / "model.safetensors").exists()  # it really died before the end
+
+    from energy_gpt.recipes import pretrain
+
+    pretrain.run(pretrain_args(
+        tiny_tokenizer_dir, *shakespeare_files, killed_dir, *common, "--resume_from_checkpoint", "last"
+    ))
+    pretrain.run(pretrain_args(tiny_tokenizer_dir, *shakespeare_files, tmp_path / "uninterrupted", *common))
+    resumed = load_file(killed_dir / "model.safetensors")
+    uninterrupted = load_file(tmp_path / "uninterrupted" / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert read_json(killed_dir / "trainer_state.json")["global_step"] == 40
+
+
+def test_resume_last_without_a_checkpoint_is_a_clear_error(tmp_path):
+    from energy_gpt.recipes.common import resolve_resume_checkpoint
+
+    (tmp_path / "checkpoint-5").mkdir()  # killed while saving: no trainer_state.json
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        resolve_resume_checkpoint("last", tmp_path)
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    assert resolve_resume_checkpoint("last", tmp_path) == str(tmp_path / "checkpoint-3")
+    assert resolve_resume_checkpoint("some/path", tmp_path) == "some/path"

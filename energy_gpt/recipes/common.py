@@ -186,6 +186,29 @@ def data_files_and_builder(train_file: str | None, validation_file: str | None, 
     return data_files, allowed[extensions.pop()]
 
 
+LAST_CHECKPOINT_VALUES = ("last", "true", "True")
+
+
+def resolve_resume_checkpoint(value: str | None, output_dir: str | Path) -> str | None:
+    """`--resume_from_checkpoint PATH`, or `last` / `true` for the newest *complete* checkpoint in --output_dir.
+
+    A checkpoint is complete once its trainer_state.json exists: the Trainer writes that file last, so a run killed
+    while saving falls back to the checkpoint before instead of loading half-written files.
+    """
+    if value is None or value not in LAST_CHECKPOINT_VALUES:
+        return value
+    candidates = [
+        path for path in Path(output_dir).glob("checkpoint-*")
+        if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()
+    ]
+    if not candidates:
+        raise ValueError(
+            f"--resume_from_checkpoint {value}: no complete checkpoint (checkpoint-N/ with trainer_state.json) in "
+            f"--output_dir {output_dir}. Pass a checkpoint path, or train without --resume_from_checkpoint."
+        )
+    return str(max(candidates, key=lambda path: int(path.name.split("-")[-1])))
+
+
 def recipe_command(recipe: str, argv: list[str]) -> str:
     return shlex.join(["energy-gpt", recipe, *argv])
 
@@ -222,11 +245,31 @@ def save_trained_model(trainer: RecipeTrainer, model_args: ModelArguments) -> No
 
 
 def finish(trainer: RecipeTrainer, push_kwargs: dict[str, Any] | None = None) -> None:
-    """Write the model card (main process) and push the output folder when --push_to_hub."""
-    if trainer.args.push_to_hub:
+    """Write the model card (main process) and push the output folder when --push_to_hub.
+
+    A full checkpoint goes through `energy_gpt.hub.push`, so `--push_to_hub` uploads exactly the files that
+    `energy-gpt push` validates (no pickled training_args.bin, logs or checkpoints); a LoRA adapter folder, which
+    has no EnergyGPT config, goes through the Trainer's own push.
+    """
+    trainer.create_model_card()
+    if not trainer.args.push_to_hub:
+        return
+    output_dir = Path(trainer.args.output_dir)
+    if not (output_dir / "config.json").is_file():
         trainer.push_to_hub(**(push_kwargs or {}))
-    else:
-        trainer.create_model_card()
+        return
+    if trainer.is_world_process_zero():
+        from energy_gpt.hub import push
+
+        args = trainer.args
+        push(
+            output_dir,
+            args.hub_model_id or output_dir.name,
+            private=bool(args.hub_private_repo),
+            revision=getattr(args, "hub_revision", None),
+            commit_message=(push_kwargs or {}).get("commit_message", "End of training"),
+            token=args.hub_token,
+        )
 
 
 def save_results(trainer: Trainer, split: str, metrics: dict[str, float], combined: bool = True) -> None:

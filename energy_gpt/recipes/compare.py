@@ -43,13 +43,34 @@ from transformers import (
     set_seed,
 )
 
-from ..io_utils import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..io_utils import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 from ..modeling import ATTENTION_SOLVERS, EnergyGPTForCausalLM
 from .arguments import ModelArguments
-from .common import build_config, build_model, build_tokenizer, limit_samples, setup_logging
-from .pretrain import DataTrainingArguments, build_lm_datasets, load_raw_datasets, resolve_block_size
-from .synthetic import LISTask, answer_entropy, build_lis_dataset, build_lis_tokenizer, generate_lis_examples
-
+from .common import (
+    build_config,
+    build_model,
+    build_tokenizer,
+    limit_samples,
+    setup_logging,
+)
+from .pretrain import (
+    DataTrainingArguments,
+    build_lm_datasets,
+    load_raw_datasets,
+    resolve_block_size,
+)
+from .synthetic import (
+    LISTask,
+    answer_entropy,
+    build_lis_dataset,
+    build_lis_tokenizer,
+    generate_lis_examples,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,23 +82,23 @@ DEFAULT_TEXT_BLOCK_SIZE = 128
 NOT_REACHED = "not reached"
 
 # TrainingArguments defaults of `compare` (any of them can be changed on the command line): a few-minute CPU run.
-TRAINING_DEFAULTS = dict(
-    output_dir="outputs/compare",
-    max_steps=400,
-    learning_rate=2e-3,
-    lr_scheduler_type="cosine",
-    warmup_steps=0.05,
-    weight_decay=0.01,
-    per_device_train_batch_size=64,
-    per_device_eval_batch_size=256,
-    eval_strategy="steps",
-    eval_steps=50,
-    logging_steps=25,
-    save_strategy="no",
-    report_to="none",
-    log_level="warning",
-    dataloader_pin_memory=False,  # tiny batches: nothing to gain, and a warning on CPU
-)
+TRAINING_DEFAULTS = {
+    "output_dir": "outputs/compare",
+    "max_steps": 400,
+    "learning_rate": 2e-3,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "weight_decay": 0.01,
+    "per_device_train_batch_size": 64,
+    "per_device_eval_batch_size": 256,
+    "eval_strategy": "steps",
+    "eval_steps": 50,
+    "logging_steps": 25,
+    "save_strategy": "no",
+    "report_to": "none",
+    "log_level": "warning",
+    "dataloader_pin_memory": False,  # tiny batches: nothing to gain, and a warning on CPU
+}
 
 OUTPUT_FILES = {
     "table": "comparison.md",
@@ -103,7 +124,7 @@ class CompareArguments:
         default=1,
         metadata={"help": "CPU threads for PyTorch's operators (torch.set_num_threads); 0 keeps PyTorch's default (one "
                           "per core). 1 by default: the default model is so small that a second thread gains little, "
-                          "and on a busy machine spinning OpenMP threads made each step ~10x slower in our tests."},
+                          "and on a busy machine spinning OpenMP threads made each step ~10x slower in our measurements."},
     )
     lis_min_length: int = field(default=4, metadata={"help": "Synthetic task: shortest number sequence."})
     lis_max_length: int = field(default=10, metadata={"help": "Synthetic task: longest number sequence."})
@@ -265,8 +286,19 @@ class SolverRunRecorder(TrainerCallback):
 # Data
 
 
-def prepare_synthetic_task(compare_args: CompareArguments, training_args: TrainingArguments):
-    """Tokenizer, train and validation datasets of the LIS task, and the config fields the model needs."""
+@dataclass
+class PreparedTask:
+    tokenizer: Any
+    train_dataset: Any
+    eval_dataset: Any
+    model_fields: dict[str, Any]  # config fields the data fixes (vocabulary, positions, special tokens)
+    name: str  # short, for the plot title
+    description: str  # one sentence, for the table
+    blind_guess_loss: float | None = None  # loss of a model that ignores the input (synthetic task only)
+
+
+def prepare_synthetic_task(compare_args: CompareArguments, training_args: TrainingArguments) -> PreparedTask:
+    """The LIS task: its tokenizer, train and validation datasets, and the config fields the model needs."""
     task = compare_args.lis_task()
     tokenizer = build_lis_tokenizer(task)
     num_train_examples = compare_args.num_train_examples
@@ -280,23 +312,27 @@ def prepare_synthetic_task(compare_args: CompareArguments, training_args: Traini
     train_dataset = build_lis_dataset(task, tokenizer, num_train_examples, seed=training_args.seed)
     blind_loss = answer_entropy(generate_lis_examples(task, num_train_examples, seed=training_args.seed))
     eval_dataset = build_lis_dataset(task, tokenizer, compare_args.num_validation_examples, seed=training_args.seed + 1)
-    task_fields = dict(
-        vocab_size=len(tokenizer),
-        n_positions=task.block_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    model_fields = {
+        "vocab_size": len(tokenizer),
+        "n_positions": task.block_length,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     description = (
         f"longest increasing subsequence (embedded): {num_train_examples} training / "
         f"{compare_args.num_validation_examples} validation sequences of {task.min_length}-{task.max_length} numbers "
         f"in [0, {task.max_value}), {task.block_length} tokens each; loss on the answer token only (guessing the answer "
         f"from its distribution alone, without reading the numbers, scores {blind_loss:.3f})"
     )
-    return tokenizer, train_dataset, eval_dataset, task_fields, description
+    return PreparedTask(
+        tokenizer, train_dataset, eval_dataset, model_fields, "longest increasing subsequence", description, blind_loss
+    )
 
 
-def prepare_text_task(data_args: CompareDataArguments, model_args: ModelArguments, training_args: TrainingArguments):
+def prepare_text_task(
+    data_args: CompareDataArguments, model_args: ModelArguments, training_args: TrainingArguments
+) -> PreparedTask:
     """Causal-LM text, prepared as in `energy-gpt pretrain` (tokenize, pack into blocks of --block_size)."""
     if data_args.streaming:
         raise ValueError("--streaming is not supported by compare: every solver must see the same finite data.")
@@ -315,8 +351,11 @@ def prepare_text_task(data_args: CompareDataArguments, model_args: ModelArgument
         if len(dataset) == 0:
             raise ValueError(f"The {name} split has no block of {block_size} tokens; lower --block_size.")
     source = data_args.dataset_name or ", ".join(filter(None, (data_args.train_file, data_args.validation_file)))
-    description = f"causal LM on {source}: {len(train_dataset)} training / {len(eval_dataset)} validation blocks of {block_size} tokens"
-    return tokenizer, train_dataset, eval_dataset, {}, description
+    description = (
+        f"causal LM on {source}: {len(train_dataset)} training / {len(eval_dataset)} validation blocks of "
+        f"{block_size} tokens"
+    )
+    return PreparedTask(tokenizer, train_dataset, eval_dataset, {}, f"causal LM on {Path(source).name}", description)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -324,34 +363,28 @@ def prepare_text_task(data_args: CompareDataArguments, model_args: ModelArgument
 
 
 def build_solver_model(
-    solver: str, model_args: ModelArguments, tokenizer, task_fields: dict[str, Any], seed: int
+    solver: str, model_args: ModelArguments, tokenizer, model_fields: dict[str, Any], seed: int
 ) -> EnergyGPTForCausalLM:
     """A fresh model with `solver`. Seeding right before building gives every solver the same initial weights: the
     solvers differ only by their beta / lambda scalars, which are set from the config, not drawn at random."""
-    set_seed(seed)  # (the data order is the same too: Trainer seeds its sampler from `args.seed`)
-    config = build_config(model_args, attention_solver=solver, **task_fields)
+    set_seed(seed)  # the data order is the same for every run too: Trainer seeds its sampler from `args.seed`
+    config = build_config(model_args, attention_solver=solver, **model_fields)
     return build_model(EnergyGPTForCausalLM, model_args, config, tokenizer)
 
 
 def train_one_solver(
-    solver: str,
-    model_args: ModelArguments,
-    training_args: TrainingArguments,
-    run_dir: Path,
-    tokenizer,
-    train_dataset,
-    eval_dataset,
-    task_fields: dict[str, Any],
+    solver: str, task: PreparedTask, model_args: ModelArguments, training_args: TrainingArguments, run_dir: Path
 ) -> dict[str, Any]:
-    model = build_solver_model(solver, model_args, tokenizer, task_fields, seed=training_args.seed)
+    """Train one solver on `task`; return its curves and measurements."""
+    model = build_solver_model(solver, model_args, task.tokenizer, task.model_fields, seed=training_args.seed)
     run_args = dataclasses.replace(training_args, output_dir=str(run_dir))
     recorder = SolverRunRecorder(PeakMemoryMeter(run_args.device))
     trainer = Trainer(
         model=model,
         args=run_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
+        train_dataset=task.train_dataset,
+        eval_dataset=task.eval_dataset,
+        processing_class=task.tokenizer,
         data_collator=default_data_collator,
         callbacks=[recorder],
     )
@@ -400,8 +433,8 @@ def render_table(results: dict[str, dict[str, Any]], header_lines: list[str], me
     reference = results.get(REFERENCE_SOLVER)
     lines = ["# EnergyGPT solver comparison", "", *header_lines, ""]
     lines += [
-        f"| solver | final validation loss | steps to reach {REFERENCE_SOLVER}'s final validation loss | "
-        "training tokens/s | peak memory (MiB) |",
+        (f"| solver | final validation loss | steps to reach {REFERENCE_SOLVER}'s final validation loss | "
+        "training tokens/s | peak memory (MiB) |"),
         "|---|---:|---:|---:|---:|",
     ]
     for solver, run in results.items():
@@ -417,10 +450,10 @@ def render_table(results: dict[str, dict[str, Any]], header_lines: list[str], me
         )
     lines += [
         "",
-        f"- Steps to reach: the first evaluated step (every `eval_steps`) whose validation loss is at most the "
-        f"`{REFERENCE_SOLVER}` run's final validation loss.",
-        "- Tokens/s: input tokens (padding included) divided by the time spent in training steps (forward, backward, "
-        "optimizer; evaluation and logging excluded).",
+        (f"- Steps to reach: the first evaluated step (every `eval_steps`) whose validation loss is at most the "
+        f"`{REFERENCE_SOLVER}` run's final validation loss."),
+        ("- Tokens/s: input tokens (padding included) divided by the time spent in training steps (forward, backward, "
+        "optimizer; evaluation and logging excluded)."),
         f"- Peak memory: {memory_description}.",
         "",
     ]
@@ -438,7 +471,7 @@ def render_csv(results: dict[str, dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def render_plot(results: dict[str, dict[str, Any]], title: str) -> bytes:
+def render_plot(results: dict[str, dict[str, Any]], title: str, blind_guess_loss: float | None = None) -> bytes:
     """Training loss, validation loss, and the validation loss of the second half of training on its own scale (the
     first steps fall from log(vocab) and would flatten the differences between solvers)."""
     import matplotlib
@@ -459,6 +492,8 @@ def render_plot(results: dict[str, dict[str, Any]], title: str) -> bytes:
             if points:
                 axis.plot([p["step"] for p in points], [p["loss"] for p in points],
                           marker="." if split == "validation" else None, label=solver)
+        if blind_guess_loss is not None and split == "validation" and first_step == 0:
+            axis.axhline(blind_guess_loss, color="gray", linestyle="--", linewidth=1, label="blind guess")
         axis.set_title(panel_title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -480,7 +515,8 @@ def write_outputs(
     atomic_write_text(paths["table"], render_table(results, header_lines, memory_description))
     atomic_write_text(paths["csv"], render_csv(results))
     atomic_write_json(paths["json"], {"settings": settings, "memory_measure": memory_description, "solvers": results})
-    atomic_write_bytes(paths["plot"], render_plot(results, settings["task"]))
+    title = f"EnergyGPT solvers on {settings['task_name']}: {settings['max_steps']} steps, seed {settings['seed']}"
+    atomic_write_bytes(paths["plot"], render_plot(results, title, settings.get("blind_guess_loss")))
     return paths
 
 
@@ -507,6 +543,44 @@ def check_model_arguments(model_args: ModelArguments) -> None:
         raise ValueError("compare trains full models; --use_lora is not supported.")
 
 
+def describe_run(
+    task: PreparedTask, solvers: list[str], model_args: ModelArguments, training_args: TrainingArguments,
+    total_seconds: float,
+) -> tuple[dict[str, Any], list[str]]:
+    """The settings every run shared (for the JSON) and their summary lines (for the table's header)."""
+    config = build_config(model_args, attention_solver=solvers[0], **task.model_fields)
+    model = {name: getattr(config, name) for name in (
+        "n_layer", "n_embd", "n_head", "n_positions", "vocab_size", "momentum_beta", "newton_lambda",
+        "learn_solver_params", "nag_lookahead")}
+    scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+    batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    batch *= training_args.world_size
+    settings = {
+        "task": task.description,
+        "task_name": task.name,
+        "blind_guess_loss": task.blind_guess_loss,
+        "solvers": solvers,
+        "model": model,
+        "max_steps": training_args.max_steps,
+        "learning_rate": training_args.learning_rate,
+        "lr_scheduler_type": scheduler,
+        "train_batch_size": batch,
+        "seed": training_args.seed,
+        "device": str(training_args.device),
+        "torch_threads": torch.get_num_threads(),
+        "total_seconds": total_seconds,
+    }
+    header_lines = [
+        f"- Task: {task.description}.",
+        (f"- Model: {model['n_layer']} layers, n_embd {model['n_embd']}, {model['n_head']} heads, trained from scratch; "
+        f"momentum_beta {model['momentum_beta']}, newton_lambda {model['newton_lambda']}."),
+        (f"- Training: {training_args.max_steps} steps of {batch} sequences, learning rate {training_args.learning_rate} "
+        f"({scheduler}), seed {training_args.seed}, same data order for every solver; device {settings['device']}, "
+        f"{settings['torch_threads']} CPU thread(s); {total_seconds:.0f} s in all."),
+    ]
+    return settings, header_lines
+
+
 def main(argv: list[str] | None = None) -> int:
     compare_args, model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
@@ -519,13 +593,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(compare_args.torch_num_threads)
     set_seed(training_args.seed)
     if data_args.use_synthetic_task:
-        tokenizer, train_dataset, eval_dataset, task_fields, task_description = prepare_synthetic_task(
-            compare_args, training_args
-        )
+        task = prepare_synthetic_task(compare_args, training_args)
     else:
-        tokenizer, train_dataset, eval_dataset, task_fields, task_description = prepare_text_task(
-            data_args, model_args, training_args
-        )
+        task = prepare_text_task(data_args, model_args, training_args)
 
     solvers = compare_args.solver_list()
     final_dir = Path(training_args.output_dir)
@@ -533,38 +603,10 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_directory(final_dir, overwrite=compare_args.overwrite) as staging:
         results = {}
         for solver in solvers:
-            results[solver] = train_one_solver(
-                solver, model_args, training_args, staging / "runs" / solver, tokenizer, train_dataset,
-                eval_dataset, task_fields,
-            )
+            results[solver] = train_one_solver(solver, task, model_args, training_args, staging / "runs" / solver)
             logger.warning(f"*** {solver}: final validation loss {results[solver]['final_validation_loss']:.4f} ***")
         summarize(results)
-        probe = build_config(model_args, attention_solver=solvers[0], **task_fields)
-        settings = {
-            "task": task_description,
-            "solvers": solvers,
-            "model": {name: getattr(probe, name) for name in (
-                "n_layer", "n_embd", "n_head", "n_positions", "vocab_size", "momentum_beta", "newton_lambda",
-                "learn_solver_params", "nag_lookahead")},
-            "max_steps": training_args.max_steps,
-            "learning_rate": training_args.learning_rate,
-            "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
-            "train_batch_size": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-            * training_args.world_size,
-            "seed": training_args.seed,
-            "device": str(training_args.device),
-            "torch_threads": torch.get_num_threads(),
-            "total_seconds": time.perf_counter() - started,
-        }
-        model = settings["model"]
-        header_lines = [
-            f"- Task: {task_description}.",
-            f"- Model: {model['n_layer']} layers, n_embd {model['n_embd']}, {model['n_head']} heads, trained from "
-            f"scratch; momentum_beta {model['momentum_beta']}, newton_lambda {model['newton_lambda']}.",
-            f"- Training: {settings['max_steps']} steps of {settings['train_batch_size']} sequences, learning rate "
-            f"{settings['learning_rate']} ({settings['lr_scheduler_type']}), seed {settings['seed']}, same data order "
-            f"for every solver; device {settings['device']}, {settings['torch_threads']} CPU thread(s).",
-        ]
+        settings, header_lines = describe_run(task, solvers, model_args, training_args, time.perf_counter() - started)
         memory_description = PeakMemoryMeter.describe(training_args.device)
         _remove_empty_dirs(staging / "runs")
         write_outputs(staging, results, settings, header_lines, memory_description)

@@ -39,6 +39,7 @@ from .common import (
     limit_samples,
     parse_recipe_args,
     recipe_command,
+    resolve_resume_checkpoint,
     save_results,
     save_trained_model,
     setup_logging,
@@ -280,7 +281,11 @@ def run(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
 
     all_metrics: dict[str, float] = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        train_result = trainer.train(
+            resume_from_checkpoint=resolve_resume_checkpoint(
+                training_args.resume_from_checkpoint, training_args.output_dir
+            )
+        )
         save_trained_model(trainer, model_args)
         metrics = dict(train_result.metrics, train_samples=len(train_dataset))
         save_results(trainer, "train", metrics)

@@ -31,6 +31,7 @@ from .common import (
     parse_recipe_args,
     perplexity,
     recipe_command,
+    resolve_resume_checkpoint,
     save_results,
     save_trained_model,
     setup_logging,
@@ -214,7 +215,11 @@ def run(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
 
     all_metrics: dict[str, float] = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        train_result = trainer.train(
+            resume_from_checkpoint=resolve_resume_checkpoint(
+                training_args.resume_from_checkpoint, training_args.output_dir
+            )
+        )
         save_trained_model(trainer, model_args)
         metrics = dict(train_result.metrics)
         if data_args.streaming:  # no length: count the blocks the optimizer steps consumed

@@ -26,7 +26,6 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, SEPARATOR = "<pad>", "<bos>", "<eos>", "<unk>", "="
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
 
