@@ -10,6 +10,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
+from . import modeling
 from .modeling import (
     ATTENTION_SOLVERS,
     EnergyGPTConfig,
@@ -27,12 +28,4 @@ AutoModel.register(EnergyGPTConfig, EnergyGPTModel, exist_ok=True)
 AutoModelForCausalLM.register(EnergyGPTConfig, EnergyGPTForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(EnergyGPTConfig, EnergyGPTForSequenceClassification, exist_ok=True)
 
-__all__ = [
-    "ATTENTION_SOLVERS",
-    "EnergyGPTConfig",
-    "EnergyGPTForCausalLM",
-    "EnergyGPTForSequenceClassification",
-    "EnergyGPTModel",
-    "EnergyGPTPreTrainedModel",
-    "__version__",
-]
+__all__ = [*modeling.__all__, "__version__"]

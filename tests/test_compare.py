@@ -238,7 +238,7 @@ def test_compare_on_a_text_file(tmp_path):
         assert all(math.isfinite(point["loss"]) for point in run["train"] + run["validation"])
 
 
-def test_compare_refuses_bad_arguments_and_keeps_existing_results(tmp_path):
+def test_compare_refuses_bad_arguments_and_keeps_existing_results(tmp_path, monkeypatch):
     from energy_gpt.recipes.compare import main
 
     output_dir = tmp_path / "compare"
@@ -250,6 +250,11 @@ def test_compare_refuses_bad_arguments_and_keeps_existing_results(tmp_path):
         main(["--output_dir", str(output_dir), "--attention_solver", "nag"])
     with pytest.raises(ValueError, match="--model_name_or_path is not supported"):
         main(["--output_dir", str(output_dir), "--model_name_or_path", "openai-community/gpt2"])
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="single process"):
+        main(["--output_dir", str(output_dir)])
+    monkeypatch.delenv("WORLD_SIZE")
 
     output_dir.mkdir()
     (output_dir / "comparison.md").write_text("previous results")

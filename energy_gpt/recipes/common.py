@@ -272,6 +272,25 @@ def finish(trainer: RecipeTrainer, push_kwargs: dict[str, Any] | None = None) ->
         )
 
 
+def train_and_save(trainer: RecipeTrainer, model_args: ModelArguments, train_samples: int | None) -> dict[str, float]:
+    """Train (resuming if asked), save the model and tokenizer, write train_results.json and the trainer state.
+
+    `train_samples=None` (streaming: no length) counts the samples the optimizer steps consumed.
+    """
+    args = trainer.args
+    train_result = trainer.train(
+        resume_from_checkpoint=resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    )
+    save_trained_model(trainer, model_args)
+    if train_samples is None:
+        train_samples = trainer.state.global_step * args.train_batch_size * args.gradient_accumulation_steps
+        train_samples *= args.world_size
+    metrics = dict(train_result.metrics, train_samples=train_samples)
+    save_results(trainer, "train", metrics)
+    trainer.save_state()
+    return metrics
+
+
 def save_results(trainer: Trainer, split: str, metrics: dict[str, float], combined: bool = True) -> None:
     """`{split}_results.json` and `all_results.json` as in the transformers examples, written atomically by the main
     process only."""

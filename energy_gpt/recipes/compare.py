@@ -582,6 +582,9 @@ def describe_run(
 
 
 def main(argv: list[str] | None = None) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # One output folder and one timing per solver: several ranks would race on both.
+        raise RuntimeError("compare runs as a single process; start it with python / energy-gpt, not torchrun.")
     compare_args, model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
     check_model_arguments(model_args)

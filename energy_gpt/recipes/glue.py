@@ -39,10 +39,9 @@ from .common import (
     limit_samples,
     parse_recipe_args,
     recipe_command,
-    resolve_resume_checkpoint,
     save_results,
-    save_trained_model,
     setup_logging,
+    train_and_save,
     wrap_with_lora,
 )
 from .metrics import GLUE_TASK_METRICS, classification_metrics, glue_metrics
@@ -281,16 +280,7 @@ def run(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
 
     all_metrics: dict[str, float] = {}
     if training_args.do_train:
-        train_result = trainer.train(
-            resume_from_checkpoint=resolve_resume_checkpoint(
-                training_args.resume_from_checkpoint, training_args.output_dir
-            )
-        )
-        save_trained_model(trainer, model_args)
-        metrics = dict(train_result.metrics, train_samples=len(train_dataset))
-        save_results(trainer, "train", metrics)
-        trainer.save_state()
-        all_metrics.update(metrics)
+        all_metrics.update(train_and_save(trainer, model_args, train_samples=len(train_dataset)))
 
     if training_args.do_eval:
         logger.info("*** Evaluate ***")

@@ -31,10 +31,9 @@ from .common import (
     parse_recipe_args,
     perplexity,
     recipe_command,
-    resolve_resume_checkpoint,
     save_results,
-    save_trained_model,
     setup_logging,
+    train_and_save,
     wrap_with_lora,
 )
 from .metrics import accuracy
@@ -215,22 +214,8 @@ def run(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
 
     all_metrics: dict[str, float] = {}
     if training_args.do_train:
-        train_result = trainer.train(
-            resume_from_checkpoint=resolve_resume_checkpoint(
-                training_args.resume_from_checkpoint, training_args.output_dir
-            )
-        )
-        save_trained_model(trainer, model_args)
-        metrics = dict(train_result.metrics)
-        if data_args.streaming:  # no length: count the blocks the optimizer steps consumed
-            args = training_args
-            blocks = trainer.state.global_step * args.train_batch_size * args.gradient_accumulation_steps
-            metrics["train_samples"] = blocks * args.world_size
-        else:
-            metrics["train_samples"] = len(train_dataset)
-        save_results(trainer, "train", metrics)
-        trainer.save_state()
-        all_metrics.update(metrics)
+        train_samples = None if data_args.streaming else len(train_dataset)
+        all_metrics.update(train_and_save(trainer, model_args, train_samples=train_samples))
 
     if training_args.do_eval:
         logger.info("*** Evaluate ***")
