@@ -11,7 +11,7 @@ install:
 
 # The main job: train one small model per solver on the embedded synthetic task and compare them.
 demo: install
-	$(PYTHON) -m energy_gpt compare --output_dir outputs/compare
+	$(PYTHON) -m energy_gpt compare --output_dir outputs/compare --overwrite
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -316,9 +316,15 @@ COST_NOTES = {
     "work; memory stays linear in T.",
     "newton": "`Sigma mu` needs the probabilities: per query chunk it recomputes the fp32 scores and softmax, then "
     "two attention-shaped matmuls (`mu . v_i` and the weighted sum of `v_i`) and the trace, i.e. about three times "
-    "the attention FLOPs in plain matmul/softmax kernels (no fused flash kernel); in training each chunk is "
-    "recomputed in the backward pass (checkpointing), which keeps memory linear in T at the cost of time.",
+    "the attention FLOPs in plain matmul/softmax kernels (no fused flash kernel), and about 35 small ops per layer "
+    "that dominate a one-token decoding step; the backward pass recomputes each chunk's probabilities (custom "
+    "autograd function), which keeps training memory linear in T at the cost of time.",
 }
+
+
+def _ordered(names) -> list[str]:
+    """GPT-2 first, then the solvers in registry order (results.json stores keys sorted)."""
+    return [name for name in MODEL_NAMES if name in names]
 
 
 def _fmt_ratio(entry: dict | None) -> str:
@@ -368,7 +374,7 @@ def render_markdown(results: dict) -> str:
             "| train mem MiB (ratio) | forward mem MiB (ratio) |")
         add("|---|---|---|---|---|---|---|---|---|")
         base_mem = memory.get((shape["name"], shape["seq_len"], shape["batch_size"], BASELINE))
-        for name in timings["train"]:
+        for name in _ordered(timings["train"]):
             cells = [f"{timings[m][name]['tokens_per_s']['median']:.0f}" for m in METRICS]
             cells += [_fmt_ratio(timings[m][name]) for m in METRICS]
             mem = memory.get((shape["name"], shape["seq_len"], shape["batch_size"], name))
@@ -391,7 +397,7 @@ def render_markdown(results: dict) -> str:
         header = " | ".join(f"T={t} fwd ms" for t in seq_lens)
         add(f"| model | {header} | " + " | ".join(f"T={t} fwd / train MiB" for t in seq_lens) + " | train-mem slope |")
         add("|---|" + "---|" * (2 * len(seq_lens) + 1))
-        for name in scaling["forward"][seq_lens[0]]:
+        for name in _ordered(scaling["forward"][seq_lens[0]]):
             cells, train_mem = [], []
             for t in seq_lens:
                 entry = scaling["forward"][t][name]
@@ -458,6 +464,7 @@ def render_plots(results: dict, output_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.ticker
     import matplotlib.pyplot as plt
 
     written = []
@@ -480,6 +487,7 @@ def render_plots(results: dict, output_dir: Path) -> list[Path]:
         for axis, title in zip(axes, titles):
             axis.set(xscale="log", yscale="log", xlabel="sequence length T (batch 1)", title=title)
             axis.set_xticks(seq_lens, [str(t) for t in seq_lens])
+            axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             axis.grid(True, which="both", alpha=0.3)
         axes[0].legend()
         figure.suptitle(f"Scaling with sequence length, `{shape_name}` dimensions, CPU")
@@ -493,7 +501,7 @@ def render_plots(results: dict, output_dir: Path) -> list[Path]:
         figure, axes = plt.subplots(1, len(results["shapes"]), figsize=(7 * len(results["shapes"]), 4.5), squeeze=False)
         for axis, shape_result in zip(axes[0], results["shapes"]):
             timings = shape_result["timings"]
-            solvers = [name for name in timings["train"] if name != BASELINE]
+            solvers = [name for name in _ordered(timings["train"]) if name != BASELINE]
             width = 0.8 / len(METRICS)
             for index, metric in enumerate(METRICS):
                 medians = [timings[metric][name]["ratio"]["median"] for name in solvers]
@@ -511,6 +519,15 @@ def render_plots(results: dict, output_dir: Path) -> list[Path]:
         plt.close(figure)
         written.append(atomic_write_bytes(output_dir / "ratios.png", buffer.getvalue()))
     return written
+
+
+def write_report(results: dict, output_dir: Path) -> None:
+    """results.md and the PNG plots, from results as read back from results.json."""
+    if results.get("scaling"):
+        results["scaling"]["forward"] = {int(t): v for t, v in results["scaling"]["forward"].items()}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    render_plots(results, output_dir)
+    atomic_write_text(output_dir / "results.md", render_markdown(results))
 
 
 # -------------------------------------------------------------------------------------------------------------- CLI
@@ -532,6 +549,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="Smoke run: a tiny shape, 2 repetitions, sequence lengths 16 and 32 (for the tests).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from_json", type=Path,
+                        help="Only re-render results.md and the plots from a previous results.json (no measuring).")
     parser.add_argument("--memory_probe", help=argparse.SUPPRESS)  # internal: run memory probes (JSON task list)
     args = parser.parse_args(argv)
     for flag in ("repeats", "gpt2_small_repeats", "scaling_repeats"):
@@ -564,6 +583,14 @@ def main(argv: list[str] | None = None) -> int:
         repeats = {"small": args.repeats, "gpt2-small": args.gpt2_small_repeats}
         scaling_repeats = args.scaling_repeats
 
+    if args.from_json is not None:
+        if not args.from_json.is_file():
+            raise SystemExit(f"--from_json {args.from_json}: no such file (expected a results.json of this command).")
+        results = json.loads(args.from_json.read_text())
+        write_report(results, args.output_dir)
+        log(f"re-rendered {args.output_dir / 'results.md'} from {args.from_json}")
+        return 0
+
     started = time.perf_counter()
     results = {"command": "python -m benchmarks.run " + " ".join(raw_argv), "machine": machine_info(), "shapes": []}
     log(f"machine: {results['machine']}")
@@ -582,12 +609,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.output_dir / "results.json", results)
-    # JSON keys are strings: render from the round-tripped copy so that both paths see the same structure.
-    results = json.loads((args.output_dir / "results.json").read_text())
-    if results.get("scaling"):
-        results["scaling"]["forward"] = {int(t): v for t, v in results["scaling"]["forward"].items()}
-    render_plots(results, args.output_dir)
-    atomic_write_text(args.output_dir / "results.md", render_markdown(results))
+    # JSON keys are strings: render from the round-tripped copy, exactly as `--from_json` does.
+    write_report(json.loads((args.output_dir / "results.json").read_text()), args.output_dir)
     log(f"wrote {args.output_dir / 'results.md'} ({results['wall_seconds']:.0f} s)")
     return 0
 

@@ -208,8 +208,10 @@ def test_compare_short_run_writes_table_curves_and_plot(tmp_path, capsys):
     assert "steps to reach gd's final validation loss" in table and "peak memory (MiB)" in table
 
 
-def test_compare_on_a_text_file(tmp_path):
-    """--train_file switches to causal-LM text (here lines of numbers, read with a saved word-level tokenizer)."""
+@pytest.mark.parametrize("source_flag", ["--train_file", "--dataset_name"])
+def test_compare_on_text(tmp_path, source_flag):
+    """--train_file / --dataset_name switch to causal-LM text (here lines of numbers, read with a saved word-level
+    tokenizer; --dataset_name gets a local dataset folder, which `datasets` resolves like a Hub id, offline)."""
     from energy_gpt.recipes.compare import main
     from energy_gpt.recipes.synthetic import (
         LISTask,
@@ -221,17 +223,19 @@ def test_compare_on_a_text_file(tmp_path):
     task = LISTask(min_length=3, max_length=6, max_value=8)
     tokenizer_dir = tmp_path / "tokenizer"
     build_lis_tokenizer(task).save_pretrained(tokenizer_dir)
-    train_file = tmp_path / "train.txt"
+    (tmp_path / "corpus").mkdir()
+    train_file = tmp_path / "corpus" / "train.txt"
     train_file.write_text("\n".join(example_to_text(e) for e in generate_lis_examples(task, 300, seed=0)) + "\n")
     output_dir = tmp_path / "compare-text"
-    argv = ["--output_dir", str(output_dir), "--solvers", "gd,nag", "--train_file", str(train_file),
+    source = str(train_file if source_flag == "--train_file" else train_file.parent)
+    argv = ["--output_dir", str(output_dir), "--solvers", "gd,nag", source_flag, source,
             "--tokenizer_name", str(tokenizer_dir), "--block_size", "16", "--validation_split_percentage", "10",
             "--config_overrides", f"{TINY_MODEL},vocab_size={len(build_lis_tokenizer(task))},n_positions=16",
             "--max_steps", "4", "--eval_steps", "2", "--logging_steps", "2", "--per_device_train_batch_size", "4",
             "--disable_tqdm", "true", "--cache_dir", str(tmp_path / "datasets-cache")]
     assert main(argv) == 0
     summary = json.loads((output_dir / "loss_curves.json").read_text())
-    assert "causal LM on" in summary["settings"]["task"] and str(train_file) in summary["settings"]["task"]
+    assert summary["settings"]["task"].startswith(f"causal LM on {source}: ")
     for run in summary["solvers"].values():
         assert [point["step"] for point in run["validation"]] == [0, 2, 4]
         assert run["train_tokens"] == 4 * 4 * 16

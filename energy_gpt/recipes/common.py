@@ -98,7 +98,9 @@ def build_config(model_args: ModelArguments, **task_fields: Any) -> EnergyGPTCon
             config = EnergyGPTConfig(**gpt2_fields)
     else:
         config = EnergyGPTConfig()
-        logger.warning("No --model_name_or_path / --config_name: training a new model from a default EnergyGPTConfig.")
+        # Without overrides this is GPT-2 small's shape: worth a warning; with them the user chose the shape.
+        log = logger.info if model_args.config_overrides else logger.warning
+        log("No --model_name_or_path / --config_name: training a new model from a default EnergyGPTConfig.")
     if model_args.config_overrides:
         logger.info(f"Overriding config: {model_args.config_overrides}")
         try:

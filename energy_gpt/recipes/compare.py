@@ -498,7 +498,7 @@ def render_plot(results: dict[str, dict[str, Any]], title: str, blind_guess_loss
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("loss (nats / token)")
-    axes[2].legend()
+    axes[1].legend()  # the panel with every solver and the blind-guess line
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     buffer = io.BytesIO()
