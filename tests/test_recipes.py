@@ -534,12 +534,14 @@ def test_pretrain_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, t
     assert process.returncode == -signal.SIGKILL
     assert not (killed_dir / "model.safetensors").exists()  # it really died before the end
 
-    from energy_gpt.recipes import pretrain
-
-    pretrain.run(pretrain_args(
-        tiny_tokenizer_dir, *shakespeare_files, killed_dir, *common, "--resume_from_checkpoint", "last"
-    ))
-    pretrain.run(pretrain_args(tiny_tokenizer_dir, *shakespeare_files, tmp_path / "uninterrupted", *common))
+    # Resume and reference run as processes like the killed one, so all three use the same threads and numerics.
+    for output_dir, extra in ((killed_dir, ["--resume_from_checkpoint", "last"]), (tmp_path / "uninterrupted", [])):
+        finished = subprocess.run(
+            [sys.executable, "-m", "energy_gpt", "pretrain",
+             *pretrain_args(tiny_tokenizer_dir, *shakespeare_files, output_dir, *common, *extra)],
+            cwd=tmp_path, capture_output=True, text=True,
+        )
+        assert finished.returncode == 0, finished.stderr[-3000:]
     resumed = load_file(killed_dir / "model.safetensors")
     uninterrupted = load_file(tmp_path / "uninterrupted" / "model.safetensors")
     assert resumed.keys() == uninterrupted.keys()

@@ -592,27 +592,26 @@ def main(argv: list[str] | None = None) -> int:
     if model_args.config_name is None:
         model_args.config_overrides = ",".join(filter(None, (DEFAULT_MODEL_OVERRIDES, model_args.config_overrides)))
 
-    if compare_args.torch_num_threads:
-        torch.set_num_threads(compare_args.torch_num_threads)
-    set_seed(training_args.seed)
-    if data_args.use_synthetic_task:
-        task = prepare_synthetic_task(compare_args, training_args)
-    else:
-        task = prepare_text_task(data_args, model_args, training_args)
+    with torch_threads(compare_args.torch_num_threads):
+        set_seed(training_args.seed)
+        if data_args.use_synthetic_task:
+            task = prepare_synthetic_task(compare_args, training_args)
+        else:
+            task = prepare_text_task(data_args, model_args, training_args)
 
-    solvers = compare_args.solver_list()
-    final_dir = Path(training_args.output_dir)
-    started = time.perf_counter()
-    with atomic_directory(final_dir, overwrite=compare_args.overwrite) as staging:
-        results = {}
-        for solver in solvers:
-            results[solver] = train_one_solver(solver, task, model_args, training_args, staging / "runs" / solver)
-            logger.warning(f"*** {solver}: final validation loss {results[solver]['final_validation_loss']:.4f} ***")
-        summarize(results)
-        settings, header_lines = describe_run(task, solvers, model_args, training_args, time.perf_counter() - started)
-        memory_description = PeakMemoryMeter.describe(training_args.device)
-        _remove_empty_dirs(staging / "runs")
-        write_outputs(staging, results, settings, header_lines, memory_description)
+        solvers = compare_args.solver_list()
+        final_dir = Path(training_args.output_dir)
+        started = time.perf_counter()
+        with atomic_directory(final_dir, overwrite=compare_args.overwrite) as staging:
+            results = {}
+            for solver in solvers:
+                results[solver] = train_one_solver(solver, task, model_args, training_args, staging / "runs" / solver)
+                logger.warning(f"*** {solver}: final validation loss {results[solver]['final_validation_loss']:.4f} ***")
+            summarize(results)
+            settings, header_lines = describe_run(task, solvers, model_args, training_args, time.perf_counter() - started)
+            memory_description = PeakMemoryMeter.describe(training_args.device)
+            _remove_empty_dirs(staging / "runs")
+            write_outputs(staging, results, settings, header_lines, memory_description)
 
     table_path, plot_path = final_dir / OUTPUT_FILES["table"], final_dir / OUTPUT_FILES["plot"]
     print(table_path.read_text())
@@ -620,6 +619,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Loss curves plot: {plot_path}")
     print(f"Loss curves data: {final_dir / OUTPUT_FILES['csv']}, {final_dir / OUTPUT_FILES['json']}")
     return 0
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Use `count` CPU threads for PyTorch inside the block (0: leave as is), then restore the caller's setting."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _remove_empty_dirs(root: Path) -> None:
