@@ -34,11 +34,10 @@ from pathlib import Path
 
 import torch
 import transformers
+from energy_gpt.modeling.solvers_energy_gpt import ATTENTION_SOLVERS
 
 from energy_gpt import EnergyGPTConfig, EnergyGPTForCausalLM
 from energy_gpt.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
-from energy_gpt.modeling.solvers_energy_gpt import ATTENTION_SOLVERS
-
 
 BASELINE = "gpt2"
 SOLVERS = list(ATTENTION_SOLVERS)
@@ -182,7 +181,8 @@ def _peak_increment_mib(fn: Callable[[], None]) -> float:
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     before = _proc_status_kib("VmRSS")
     fn()
-    return (_proc_status_kib("VmHWM") - before) / 1024
+    # The kernel's RSS counters are batched per CPU (approximate to a few hundred KiB): tiny calls can read < 0.
+    return max(0.0, (_proc_status_kib("VmHWM") - before) / 1024)
 
 
 def memory_probe(tasks: list[dict]) -> list[dict]:
@@ -217,7 +217,7 @@ def measure_memory(tasks: list[dict], log: Callable[[str], None]) -> list[dict] 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--memory_probe", json.dumps(tasks)],
-        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], check=False,
     )
     if completed.returncode != 0:
         raise RuntimeError(f"memory probe failed:\n{completed.stderr[-4000:]}")
@@ -358,6 +358,8 @@ def render_markdown(results: dict) -> str:
         f"transformers {machine['transformers']}, {machine['platform']}; {machine['date']}.  ")
     add("GPU: " + (machine["gpu"] or "none available in this session, so the GPU table (bf16, `torch.compile`, flash "
                    "SDPA) is not produced.") + "\n")
+    for note in results.get("notes", []):  # added by hand when results of several runs are combined
+        add(f"Note: {note}\n")
     add("Models: `GPT2LMHeadModel` (sdpa) and `EnergyGPTForCausalLM` (sdpa) with GPT-2's weights transplanted and the "
         f"from-scratch solver parameters {SOLVER_PARAMS}, dropout 0, fp32. Every repetition runs every model once in a "
         "rotating order; a ratio is GPT-2's time / the model's time in the same repetition (>1: faster than GPT-2); "
@@ -426,7 +428,7 @@ def render_targets(results: dict, memory: dict) -> str:
     shape, timings = shape_result["shape"], shape_result["timings"]
     if BASELINE not in timings["train"]:
         return ""
-    key = lambda name: (shape["name"], shape["seq_len"], shape["batch_size"], name)  # noqa: E731
+    key = lambda name: (shape["name"], shape["seq_len"], shape["batch_size"], name)
     base_mem = memory.get(key(BASELINE))
     lines = [f"## Targets (ratios to GPT-2 on CPU, judged on shape `{shape['name']}`, median ratios)\n",
              "| solver | target | measured (train / forward / generate; train memory) | met? | why |",
@@ -436,6 +438,8 @@ def render_targets(results: dict, memory: dict) -> str:
             continue
         speeds = [timings[m][name]["ratio"]["median"] for m in METRICS]
         met = all(s >= min_speed for s in speeds)
+        # A miss whose spread still reaches the target is not distinguishable from noise on this machine.
+        within_noise = all(timings[m][name]["ratio"]["high"] >= min_speed for m in METRICS)
         target = f"speed >= {min_speed}"
         measured = " / ".join(f"{s:.2f}" for s in speeds)
         mem = memory.get(key(name))
@@ -454,7 +458,8 @@ def render_targets(results: dict, memory: dict) -> str:
             if slope is not None:
                 measured += f"; memory slope {slope:.2f}"
                 met = met and slope < 1.5
-        lines.append(f"| {name} | {target} | {measured} | {'yes' if met else 'NO'} | {COST_NOTES[name]} |")
+        verdict = "yes" if met else ("NO (speed within the spread)" if within_noise else "NO")
+        lines.append(f"| {name} | {target} | {measured} | {verdict} | {COST_NOTES[name]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -464,8 +469,8 @@ def render_plots(results: dict, output_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.ticker
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     written = []
     memory = _memory_index(results.get("memory"))

@@ -20,7 +20,6 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 
-
 # `attend(query_source, context_source=None) -> (attention_output, attention_weights)`: the whole attention sublayer
 # A(LN1(.)) of a block; `context_source` (for keys and values) defaults to `query_source`.
 AttendFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # `benchmarks/` is a folder of the repository, not part of the installed package
 
-from benchmarks import run as bench  # noqa: E402
+from benchmarks import run as bench
 
 
 def test_quick_benchmark_writes_report(tmp_path, capsys):
