@@ -155,7 +155,10 @@ class MomentumSolver(GradientDescentSolver):
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
-        self._register_solver_scalar("momentum_beta", config.momentum_beta, (), config.learn_solver_params)
+        # The first layer sees m = 0, so its beta would multiply nothing: it has none (a parameter that never gets a
+        # gradient breaks DDP without find_unused_parameters).
+        if layer_idx > 0:
+            self._register_solver_scalar("momentum_beta", config.momentum_beta, (), config.learn_solver_params)
 
     def residual_step(self, hidden_states, momentum, attend):
         attn_output, attn_weights = attend(hidden_states)

@@ -212,7 +212,7 @@ def test_card_yaml_parses_and_carries_measured_numbers(causal_dir, classificatio
     assert "4.12346" in body and "61.754" in body and "4.3875" in body  # all_results + trainer_state
     assert "not the\n  authors' code" in body
     # Solver scalars read back from the weights.
-    assert "| 0 | 0.3 |" in body and "| 2 | 0.3 |" in body
+    assert "| 1 | 0.3 |" in body and "| 2 | 0.3 |" in body and "| 0 | 0.3 |" not in body
 
     card = ModelCard.load(classification_dir / "README.md")
     assert card.data.pipeline_tag == "text-classification" and "newton" in card.data.tags
