@@ -4,6 +4,7 @@
 `convert_energy_gpt_checkpoint_to_gpt2` write complete checkpoint directories (what `energy-gpt convert` runs).
 """
 
+from . import gpt2
 from .gpt2 import (
     CheckpointNotFoundError,
     ConversionError,
@@ -14,11 +15,4 @@ from .gpt2 import (
 )
 
 
-__all__ = [
-    "CheckpointNotFoundError",
-    "ConversionError",
-    "convert_energy_gpt_checkpoint_to_gpt2",
-    "convert_gpt2_checkpoint",
-    "energy_gpt_to_gpt2",
-    "gpt2_to_energy_gpt",
-]
+__all__ = gpt2.__all__
