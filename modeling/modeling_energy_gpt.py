@@ -214,7 +214,7 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
         if batch_size == 0 or seq_length == 0:
             raise ValueError(f"Empty input: got a batch of shape ({batch_size}, {seq_length}); need at least one token.")
         if input_ids is not None and not torch.compiler.is_compiling():
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = (int(bound) for bound in torch.aminmax(input_ids))  # one pass over the ids, on every step
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high
                 raise ValueError(
