@@ -1,19 +1,29 @@
 """EnergyGPT configuration.
 
-Every `GPT2Config` field keeps its name and default, so `EnergyGPTConfig(**GPT2Config().to_dict())` works; the
-energy-attention solver fields come on top. All checks live in `EnergyGPTConfig._validate_config` (one place, explicit
-messages, in the style of llm-foundry's MPT config).
+Every `GPT2Config` field keeps its name and default, so `EnergyGPTConfig(**GPT2Config().to_dict())` works. The solver
+fields come from the solver registry (`solvers_energy_gpt.py`): each solver declares its own fields, defaults and
+checks, so adding a solver never touches this file. All checks run in one place, `EnergyGPTConfig._validate_config`
+(explicit messages, in the style of llm-foundry's MPT config), called when a config is built or loaded and again when
+a model is built from it.
+
+The class is a plain (non-`@strict`) config with its own `__init__`, the form every transformers 5.x release accepts for
+remote code, so a checkpoint's copy of this file loads across the whole supported range.
 """
 
 from typing import Any
 
-from huggingface_hub.dataclasses import strict
-from transformers.configuration_utils import PreTrainedConfig
+try:  # transformers renamed the base class; both names exist across the 5.x range
+    from transformers.configuration_utils import PreTrainedConfig
+except ImportError:  # pragma: no cover - older releases
+    from transformers.configuration_utils import PretrainedConfig as PreTrainedConfig
 
-from .solvers_energy_gpt import ATTENTION_SOLVERS
+from .solvers_energy_gpt import (
+    ATTENTION_ENERGIES,
+    LOCAL_ENERGIES,
+    solver_config_fields,
+    validate_solver_schedule,
+)
 
-
-NAG_LOOKAHEAD_MODES = ("qkv", "query")
 
 # Written into every saved config so `from_pretrained(..., trust_remote_code=True)` finds all four classes.
 ENERGY_GPT_AUTO_MAP = {
@@ -38,104 +48,47 @@ def _check_probability(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a float in [0, 1], got {value!r}.")
 
 
-def _check_attention_solver(value: Any) -> None:
-    if value not in ATTENTION_SOLVERS:
-        raise ValueError(f"`attention_solver` must be one of {sorted(ATTENTION_SOLVERS)}, got {value!r}.")
+def _check_choice(name: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {sorted(allowed)}, got {value!r}.")
 
 
-def _check_momentum_beta(value: Any) -> None:
-    if not _is_number(value) or not 0.0 <= value < 1.0:
-        raise ValueError(f"`momentum_beta` must be a float in [0, 1), got {value!r}.")
-
-
-def _check_newton_lambda(value: Any) -> None:
-    if not _is_number(value) or value != value or abs(value) == float("inf"):
-        raise ValueError(f"`newton_lambda` must be a finite float, got {value!r}.")
-
-
-def _check_newton_step_bound(value: Any) -> None:
-    if not _is_number(value) or not 0.0 < value < 1.0:
-        raise ValueError(f"`newton_step_bound` must be a float in (0, 1), got {value!r}.")
-
-
-def _check_learn_solver_params(value: Any) -> None:
+def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"`learn_solver_params` must be a bool (True or False), got {value!r}.")
+        raise ValueError(f"`{name}` must be a bool (True or False), got {value!r}.")
 
 
-def _check_nag_lookahead(value: Any) -> None:
-    if value not in NAG_LOOKAHEAD_MODES:
-        raise ValueError(f"`nag_lookahead` must be one of {list(NAG_LOOKAHEAD_MODES)}, got {value!r}.")
-
-
-def _check_n_inner(value: Any) -> None:
-    if value is not None:
-        _check_positive_int("n_inner", value)
-
-
-def _check_no_cross_attention(value: Any) -> None:
-    if value:
-        raise ValueError("`add_cross_attention` must be False: EnergyGPT is a decoder-only model, got True.")
-
-
-# Checks of one field at a time; they also run on every assignment, so a bad `from_pretrained` override fails at once.
-_FIELD_CHECKS = {
-    "attention_solver": _check_attention_solver,
-    "momentum_beta": _check_momentum_beta,
-    "newton_lambda": _check_newton_lambda,
-    "newton_step_bound": _check_newton_step_bound,
-    "learn_solver_params": _check_learn_solver_params,
-    "nag_lookahead": _check_nag_lookahead,
-    "vocab_size": lambda v: _check_positive_int("vocab_size", v),
-    "n_positions": lambda v: _check_positive_int("n_positions", v),
-    "n_embd": lambda v: _check_positive_int("n_embd", v),
-    "n_layer": lambda v: _check_positive_int("n_layer", v),
-    "n_head": lambda v: _check_positive_int("n_head", v),
-    "n_inner": _check_n_inner,
-    "resid_pdrop": lambda v: _check_probability("resid_pdrop", v),
-    "embd_pdrop": lambda v: _check_probability("embd_pdrop", v),
-    "attn_pdrop": lambda v: _check_probability("attn_pdrop", v),
-    "add_cross_attention": _check_no_cross_attention,
-}
-_FIELD_ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
-                  "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
-
-
-@strict
 class EnergyGPTConfig(PreTrainedConfig):
     r"""
-    Configuration of an EnergyGPT model: a GPT-2 whose attention sublayer is one step of a chosen optimiser on the
-    attention energy (arXiv 2511.00907). With `momentum_beta=0` / `newton_lambda=0` every solver computes exactly
-    GPT-2, which is what makes GPT-2 weights a valid start for any solver.
+    Configuration of an EnergyGPT model: a GPT-2 whose attention sublayer is one step of a chosen optimiser on a chosen
+    attention energy (arXiv 2511.00907). With the solvers' function-preserving values (e.g. `momentum_beta=0`,
+    `newton_lambda=0`) every softmax-energy solver computes exactly GPT-2, which makes GPT-2 weights a valid start.
 
-    The update rules are *the paper's variants as specified in this project's DESIGN notes* (textbook optimisers
-    on the energy whose one gradient step is softmax attention), not a claim of matching the authors' numbers.
+    The update rules are *the paper's variants as specified in this project's DESIGN notes* (textbook optimisers on
+    the energy whose one gradient step is softmax attention), not a claim of matching the authors' numbers.
 
     Args (beyond `GPT2Config`, whose fields and defaults are kept unchanged):
-        attention_solver (`str`, defaults to `"gd"`):
-            `gd` (MHA, exactly GPT-2), `momentum` (MomenMHA), `nag` (NagMHA), `newton` (MHA2nd1st) or
-            `newton_light` (LightMHA2nd1st, diagonal covariance).
-        momentum_beta (`float` in [0, 1), defaults to 0.5):
-            Initial beta of every layer for `momentum` and `nag`. 0.5 for a model trained from scratch: the
-            momentum term then carries a geometric average of about two earlier layers, a moderate dense skip.
-            Conversion from GPT-2 uses 0.0 (function preserving).
-        newton_lambda (`float`, defaults to 0.1):
-            Initial lambda (= 1/temperature) of every head for `newton` and `newton_light`. Small so that the
-            first-order inverse Hessian `I + lambda * Sigma` starts close to plain attention. Conversion uses 0.0.
-        newton_step_bound (`float` in (0, 1), defaults to 0.5):
-            The Neumann (first-order) inverse is valid only while `lambda * ||Sigma|| < 1`. Per token and head the
-            effective lambda is scaled down so that `|lambda| * bound(Sigma) <= newton_step_bound`, where the bound is
-            `trace(Sigma)` (>= spectral norm) for `newton` and `max(diag Sigma)` for `newton_light`. Below the bound
-            nothing changes (the scale is exactly 1), so small lambdas give the plain formula.
+        attention_solver (`str` or `list[str]`, defaults to `"gd"`):
+            The optimiser: `gd` (MHA, exactly GPT-2), `momentum`, `nag`, `dense` (residual rules across depth),
+            `newton`, `newton_light` (head rules), or a composition `"<residual>+<head>"` such as
+            `"nag+newton_light"`. A list gives one solver per layer (e.g. `["gd", "gd", "nag", "nag"]`).
+            `solvers_energy_gpt.ATTENTION_SOLVERS` lists them with their own fields (below).
+        attention_energy (`str`, defaults to `"softmax"`):
+            The global energy: `softmax` (today's attention), `linear` (unnormalised linear attention) or
+            `gated_linear` (its position-discounted form), where registered.
+        local_energy (`str`, defaults to `"elastic"`):
+            `elastic` (`1/2 ||z - v||^2`, softmax attention) or a robust local energy such as `huber`, where registered.
         learn_solver_params (`bool`, defaults to `True`):
-            Whether beta / lambda are trained parameters or fixed constants (buffers).
-        nag_lookahead (`str`, defaults to `"qkv"`):
-            `qkv`: q, k and v come from the lookahead point; `query`: only the query does, k and v from the current
-            state ("gradient at the lookahead, context fixed").
+            Whether the solvers' scalars (beta, lambda, ...) are trained parameters or fixed constants (buffers).
+        num_loops (`int`, defaults to 1):
+            Looped depth: the block stack is applied `num_loops` times with shared weights.
+        **solver fields**: every registered solver adds its own fields with defaults and checks (for example
+            `momentum_beta`, `momentum_form`, `momentum_velocity_norm`, `nag_lookahead`, `newton_lambda`,
+            `newton_step_bound`, `dense_init`); see `solver_config_fields()` and the solvers' docstrings.
     """
 
     model_type = "energy_gpt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     attribute_map = {
         "hidden_size": "n_embd",
         "max_position_embeddings": "n_positions",
@@ -143,77 +96,113 @@ class EnergyGPTConfig(PreTrainedConfig):
         "num_hidden_layers": "n_layer",
     }
 
-    # GPT2Config fields, same names and defaults.
-    vocab_size: int = 50257
-    n_positions: int = 1024
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    n_inner: int | None = None
-    activation_function: str = "gelu_new"
-    resid_pdrop: float | int = 0.1
-    embd_pdrop: float | int = 0.1
-    attn_pdrop: float | int = 0.1
-    layer_norm_epsilon: float = 1e-5
-    initializer_range: float = 0.02
-    summary_type: str = "cls_index"
-    summary_use_proj: bool = True
-    summary_activation: str | None = None
-    summary_proj_to_labels: bool = True
-    summary_first_dropout: float | int = 0.1
-    scale_attn_weights: bool = True
-    use_cache: bool = True
-    bos_token_id: int | None = 50256
-    eos_token_id: int | list[int] | None = 50256
-    pad_token_id: int | None = None
-    scale_attn_by_inverse_layer_idx: bool = False
-    reorder_and_upcast_attn: bool = False
-    add_cross_attention: bool = False
-    tie_word_embeddings: bool = True
-
-    # Energy-attention solver fields.
-    attention_solver: str = "gd"
-    momentum_beta: float | int = 0.5
-    newton_lambda: float | int = 0.1
-    newton_step_bound: float = 0.5
-    learn_solver_params: bool = True
-    nag_lookahead: str = "qkv"
-
-    def __post_init__(self, **kwargs):
-        if getattr(self, "auto_map", None) is None and "auto_map" not in kwargs:
-            kwargs["auto_map"] = dict(ENERGY_GPT_AUTO_MAP)
-        super().__post_init__(**kwargs)
+    def __init__(
+        self,
+        vocab_size: int = 50257,
+        n_positions: int = 1024,
+        n_embd: int = 768,
+        n_layer: int = 12,
+        n_head: int = 12,
+        n_inner: int | None = None,
+        activation_function: str = "gelu_new",
+        resid_pdrop: float = 0.1,
+        embd_pdrop: float = 0.1,
+        attn_pdrop: float = 0.1,
+        layer_norm_epsilon: float = 1e-5,
+        initializer_range: float = 0.02,
+        summary_type: str = "cls_index",
+        summary_use_proj: bool = True,
+        summary_activation: str | None = None,
+        summary_proj_to_labels: bool = True,
+        summary_first_dropout: float = 0.1,
+        scale_attn_weights: bool = True,
+        use_cache: bool = True,
+        bos_token_id: int | None = 50256,
+        eos_token_id: int | list[int] | None = 50256,
+        pad_token_id: int | None = None,
+        scale_attn_by_inverse_layer_idx: bool = False,
+        reorder_and_upcast_attn: bool = False,
+        add_cross_attention: bool = False,
+        tie_word_embeddings: bool = True,
+        attention_solver: str | list[str] = "gd",
+        attention_energy: str = "softmax",
+        local_energy: str = "elastic",
+        learn_solver_params: bool = True,
+        num_loops: int = 1,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.n_positions = n_positions
+        self.n_embd = n_embd
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.n_inner = n_inner
+        self.activation_function = activation_function
+        self.resid_pdrop = resid_pdrop
+        self.embd_pdrop = embd_pdrop
+        self.attn_pdrop = attn_pdrop
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.initializer_range = initializer_range
+        self.summary_type = summary_type
+        self.summary_use_proj = summary_use_proj
+        self.summary_activation = summary_activation
+        self.summary_first_dropout = summary_first_dropout
+        self.summary_proj_to_labels = summary_proj_to_labels
+        self.scale_attn_weights = scale_attn_weights
+        self.use_cache = use_cache
+        self.scale_attn_by_inverse_layer_idx = scale_attn_by_inverse_layer_idx
+        self.reorder_and_upcast_attn = reorder_and_upcast_attn
+        self.add_cross_attention = add_cross_attention
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.attention_solver = list(attention_solver) if isinstance(attention_solver, tuple) else attention_solver
+        self.attention_energy = attention_energy
+        self.local_energy = local_energy
+        self.learn_solver_params = learn_solver_params
+        self.num_loops = num_loops
+        # The registered solvers' own fields (defaults from their declarations).
+        for name, solver_field in solver_config_fields().items():
+            setattr(self, name, kwargs.pop(name, solver_field.default))
+        kwargs.setdefault("auto_map", dict(ENERGY_GPT_AUTO_MAP))
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
         self._validate_config()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        # `from_pretrained(..., field=value)` overrides are applied by assignment after `__init__`: check them too.
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result)._validate_config()
+        return result
 
     def _validate_config(self) -> None:
         """Every check of the configuration, in one place. Raises `ValueError` naming the field and what is allowed."""
-        for name, check in _FIELD_CHECKS.items():
-            check(getattr(self, name))
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "num_loops"):
+            _check_positive_int(name, getattr(self, name))
+        if self.n_inner is not None:
+            _check_positive_int("n_inner", self.n_inner)
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            _check_probability(name, getattr(self, name))
+        if self.add_cross_attention:
+            raise ValueError("`add_cross_attention` must be False: EnergyGPT is a decoder-only model, got True.")
         if self.n_embd % self.n_head != 0:
+            divisors = [h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]
             raise ValueError(
                 f"`n_embd` ({self.n_embd}) must be divisible by `n_head` ({self.n_head}); "
-                f"allowed `n_head` values for this width: {[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]}..."
+                f"allowed `n_head` values for this width: {divisors}..."
             )
-
-    def validate_architecture(self):
-        """Part of `@strict`-powered validation (run on save)."""
-        self._validate_config()
-
-
-def _checked_setattr(strict_setattr):
-    """Run our field checks before `@strict`'s type validators, so a bad value (also a `from_pretrained` override,
-    which is applied by assignment) raises a `ValueError` that names the field and the allowed values."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        check = _FIELD_CHECKS.get(_FIELD_ALIASES.get(name, name))
-        if check is not None:
-            check(value)
-        strict_setattr(self, name, value)
-
-    return __setattr__
+        _check_bool("learn_solver_params", self.learn_solver_params)
+        _check_choice("attention_energy", self.attention_energy, ATTENTION_ENERGIES)
+        _check_choice("local_energy", self.local_energy, LOCAL_ENERGIES)
+        for name, solver_field in solver_config_fields().items():
+            solver_field.check(getattr(self, name))
+        validate_solver_schedule(self)
 
 
-EnergyGPTConfig.__setattr__ = _checked_setattr(EnergyGPTConfig.__setattr__)
-
-
-__all__ = ["EnergyGPTConfig", "ENERGY_GPT_AUTO_MAP", "NAG_LOOKAHEAD_MODES"]
+__all__ = ["EnergyGPTConfig", "ENERGY_GPT_AUTO_MAP"]

@@ -1,14 +1,17 @@
 """PyTorch EnergyGPT: GPT-2 whose attention sublayer is one step of a chosen optimiser on the attention energy.
 
 Modelled on transformers' `models/gpt2/modeling_gpt2.py` (same state-dict names, `nn.Linear` weights in [out, in]) and
-`models/llama`. This file and its relative imports are exactly what ships beside a checkpoint as remote code.
+`models/llama`. This file and its relative imports are exactly what ships beside a checkpoint as remote code, so it
+uses only public transformers API and accepts both spellings where a 5.x release renamed something (the KV cache is
+`past_key_values` up to 5.23 and `cache` from 5.24; see `_CACHE_OUTPUT_FIELD` and `_causal_mask`).
 """
 
+import inspect
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -19,20 +22,61 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import can_return_tuple, logging
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import logging
 
 from .configuration_energy_gpt import EnergyGPTConfig
-from .solvers_energy_gpt import ATTENTION_SOLVERS
+from .solvers_energy_gpt import head_rule_for, init_solver_parameters, residual_rule_for
+
+
+try:  # respects transformers' "already initialised from the checkpoint" flags (5.x); plain torch init otherwise
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover - older releases
+    from torch.nn import init
 
 
 logger = logging.get_logger(__name__)
 
+# The KV cache is an output field named `cache` from transformers 5.24 on, `past_key_values` before.
+_CACHE_OUTPUT_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+_CAUSAL_MASK_PARAMETERS = inspect.signature(create_causal_mask).parameters
+
+
+def _causal_mask(config, inputs_embeds, attention_mask, cache, position_ids):
+    """`create_causal_mask` under whichever argument names the running release uses (`cache` / `past_key_values`,
+    `inputs_embeds` / `input_embeds`, with or without `cache_position`)."""
+    kwargs = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids}
+    kwargs["inputs_embeds" if "inputs_embeds" in _CAUSAL_MASK_PARAMETERS else "input_embeds"] = inputs_embeds
+    kwargs["cache" if "cache" in _CAUSAL_MASK_PARAMETERS else "past_key_values"] = cache
+    if "cache_position" in _CAUSAL_MASK_PARAMETERS:
+        past_length = cache.get_seq_length() if cache is not None else 0
+        kwargs["cache_position"] = torch.arange(
+            past_length, past_length + inputs_embeds.shape[1], device=inputs_embeds.device
+        )
+    return create_causal_mask(**kwargs)
+
+
+def _with_cache(output_class, cache: Cache | None, **fields):
+    """An output object with the cache under the field name the running release reads back in `generate`."""
+    return output_class(**fields, **{_CACHE_OUTPUT_FIELD: cache})
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """GPT-2's eager attention (same operations, so `gd` stays bit-exact with `GPT2LMHeadModel`)."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+    attn_weights = attn_weights.type(value.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value)
+    return attn_output.transpose(1, 2), attn_weights
+
 
 class EnergyGPTAttention(nn.Module):
-    """The attention sublayer A(.): q, k, v from `c_attn`, per-head outputs from the solver, then `c_proj`."""
+    """The attention sublayer A(.): q, k, v from `c_attn`, per-head outputs from the head rule, then `c_proj`."""
 
     def __init__(self, config: EnergyGPTConfig, layer_idx: int):
         super().__init__()
@@ -51,7 +95,7 @@ class EnergyGPTAttention(nn.Module):
         self.c_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
-        self.solver = ATTENTION_SOLVERS[config.attention_solver](config, layer_idx)
+        self.head_rule = head_rule_for(config, layer_idx)
 
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
         return states.view(*states.shape[:-1], -1, self.head_dim).transpose(1, 2)
@@ -60,25 +104,35 @@ class EnergyGPTAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         context_states: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
+        cache_index: int | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`hidden_states` gives the queries; `context_states` (default: the same) gives the keys and values."""
+        """`hidden_states` gives the queries; `context_states` (default: the same) gives the keys and values.
+        `cache_index` is the layer's slot in the cache (`loop * n_layer + layer_idx` with looped depth)."""
         query, key, value = self.c_attn(hidden_states).split(self.embed_dim, dim=2)
         if context_states is not None:
             _, key, value = self.c_attn(context_states).split(self.embed_dim, dim=2)
         query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
+        cache_index = self.layer_idx if cache_index is None else cache_index
 
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None and self.head_rule.uses_kv_cache:
+            key, value = cache.update(key, value, cache_index)
 
-        attn_output, attn_weights = self.solver.head_outputs(
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+
+        attn_output, attn_weights = self.head_rule(
             self,
             query,
             key,
             value,
             attention_mask,
+            attention_interface=attention_interface,
+            cache=cache,
+            cache_index=cache_index,
             dropout=self.attn_dropout.p if self.training else 0.0,
             scaling=self.scaling,
             **kwargs,
@@ -101,7 +155,8 @@ class EnergyGPTMLP(nn.Module):
 
 
 class EnergyGPTBlock(GradientCheckpointingLayer):
-    """Pre-LN block: the solver's attention step on the residual stream, then GPT-2's MLP sublayer unchanged."""
+    """Pre-LN block: the solver's step on the residual stream (the residual rule carries the momentum state across
+    layers), then GPT-2's MLP sublayer unchanged."""
 
     def __init__(self, config: EnergyGPTConfig, layer_idx: int):
         super().__init__()
@@ -109,29 +164,31 @@ class EnergyGPTBlock(GradientCheckpointingLayer):
         inner_dim = config.n_inner if config.n_inner is not None else 4 * hidden_size
         self.ln_1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.attn = EnergyGPTAttention(config, layer_idx=layer_idx)
+        self.residual_rule = residual_rule_for(config, layer_idx)
         self.ln_2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = EnergyGPTMLP(inner_dim, config)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        momentum: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        velocity: torch.Tensor | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        def attend(query_source: torch.Tensor, context_source: torch.Tensor | None = None):
-            return self.attn(
-                self.ln_1(query_source),
-                context_states=None if context_source is None else self.ln_1(context_source),
-                past_key_values=past_key_values,
-                attention_mask=attention_mask,
-                **kwargs,
-            )
+        # Where the attention reads: x, or Nesterov's lookahead x + beta m (keys and values from x if asked).
+        attn_input = self.residual_rule(hidden_states, velocity)
+        context_states = None
+        if self.residual_rule.queries_only_lookahead and attn_input is not hidden_states:
+            context_states = self.ln_1(hidden_states)
+        attn_output, attn_weights = self.attn(
+            self.ln_1(attn_input), context_states, cache=cache, attention_mask=attention_mask, **kwargs
+        )
+        # The optimiser's update of the residual stream: x + A(...) for gd, x + m for momentum, ...
+        hidden_states, velocity = self.residual_rule(hidden_states, velocity, attn_output)
 
-        hidden_states, momentum, attn_weights = self.attn.solver.residual_step(hidden_states, momentum, attend)
         hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
-        return hidden_states, momentum, attn_weights
+        return hidden_states, velocity, attn_weights
 
 
 class EnergyGPTPreTrainedModel(PreTrainedModel):
@@ -140,23 +197,17 @@ class EnergyGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["EnergyGPTBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    # Softmax heads run through the standard attention interface, so every backend works for gd / momentum / nag /
+    # dense; the Newton heads take mu from it too and read a tensor mask for their second pass (flex's BlockMask gets
+    # a clear error from them).
     _supports_sdpa = True
-    _supports_flash_attn = False  # newton / newton_light need the probabilities or a second pass with other values
-    _supports_attention_backend = False
-    _can_compile_fullgraph = False
-    _can_record_outputs = {
-        "hidden_states": OutputRecorder(EnergyGPTBlock, index=0),
-        "attentions": OutputRecorder(EnergyGPTAttention, index=1),
-    }
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
     # Hub GPT-2 checkpoints carry these legacy causal-mask buffers.
     _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$", r"\.attn\.masked_bias$"]
-
-    @classmethod
-    def _can_set_attn_implementation(cls) -> bool:
-        # transformers detects support by grepping this file for the attention interface; ours is dispatched in
-        # `solvers_energy_gpt.standard_attention`, so `model.set_attn_implementation("eager" | "sdpa")` works.
-        return True
 
     def __init__(self, config: EnergyGPTConfig, *inputs, **kwargs):
         # Overrides passed to from_pretrained / from_config land on the config after its own checks: check again.
@@ -171,21 +222,26 @@ class EnergyGPTPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=config.initializer_range)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         # GPT-2's depth-scaled init of the two residual projections per block (flagged on the leaf Linear, since
         # `_init_weights` is not called on the parent modules in custom code).
         if getattr(module, "_is_residual_projection", False):
             init.normal_(module.weight, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
-        solver_values = {"momentum_beta": config.momentum_beta, "newton_lambda": config.newton_lambda}
-        for name, value in solver_values.items():
-            tensor = getattr(module, name, None)
-            if isinstance(tensor, torch.Tensor):
-                init.constant_(tensor, value)
+        init_solver_parameters(module, config, init.constant_)
 
     def post_init(self):
         for module in self.modules():
             if isinstance(module, (EnergyGPTAttention, EnergyGPTMLP)):
                 module.c_proj._is_residual_projection = True
         super().post_init()
+
+
+def _cache_argument(kwargs: dict, cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache, under either name (`cache` from transformers 5.24, `past_key_values` before)."""
+    kwargs.pop("cache_position", None)  # positions come from the cache length, as in GPT-2
+    return cache if cache is not None else past_key_values
 
 
 class EnergyGPTModel(EnergyGPTPreTrainedModel):
@@ -213,8 +269,9 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
         batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if batch_size == 0 or seq_length == 0:
             raise ValueError(f"Empty input: got a batch of shape ({batch_size}, {seq_length}); need at least one token.")
-        if input_ids is not None and not torch.compiler.is_compiling():
-            low, high = (int(bound) for bound in torch.aminmax(input_ids))  # one pass over the ids, on every step
+        # The id range check reads the ids on the host: free on CPU, a sync per step on an accelerator, so only there.
+        if input_ids is not None and input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            low, high = (int(bound) for bound in torch.aminmax(input_ids))
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high
                 raise ValueError(
@@ -235,28 +292,37 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
                 )
         return batch_size, seq_length
 
-    @merge_with_config_defaults
-    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast | tuple:
         r"""
+        cache (`Cache`, *optional*): the KV cache (also accepted as `past_key_values`, its name before 5.24).
         token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             As in GPT-2: looked up in the token embedding and added to the input embeddings.
         """
-        kwargs.pop("output_attentions", None)
-        kwargs.pop("output_hidden_states", None)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = _cache_argument(kwargs, cache, past_key_values)
+        config = self.config
+        use_cache = config.use_cache if use_cache is None else use_cache
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = config.return_dict if return_dict is None else return_dict
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False  # recomputation in the backward pass would update the cache twice
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past_length = cache.get_seq_length() if cache is not None else 0
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
 
         if inputs_embeds is None:
@@ -269,28 +335,40 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
             hidden_states = hidden_states + self.wte(token_type_ids.view(-1, inputs_embeds.shape[1]))
         hidden_states = self.drop(hidden_states)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        causal_mask = _causal_mask(config, inputs_embeds, attention_mask, cache if use_cache else None, position_ids)
+        key_padding_mask = attention_mask.bool() if attention_mask is not None and attention_mask.ndim == 2 else None
 
-        momentum = None  # solver state (momentum / nag), zero before the first layer of every forward pass
-        for block in self.h:
-            hidden_states, momentum, _ = block(
-                hidden_states,
-                momentum,
-                past_key_values if not (self.gradient_checkpointing and self.training) else None,
-                causal_mask,
-                position_ids=position_ids,
-                **kwargs,
-            )
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        velocity = None  # the residual rules' state (momentum, dense history), empty before the first layer
+        for loop in range(config.num_loops):
+            for block in self.h:
+                if output_hidden_states:
+                    all_hidden_states += (hidden_states,)
+                hidden_states, velocity, attn_weights = block(
+                    hidden_states,
+                    velocity,
+                    cache if use_cache else None,
+                    causal_mask,
+                    cache_index=loop * config.n_layer + block.attn.layer_idx,
+                    key_padding_mask=key_padding_mask,
+                    position_ids=position_ids,
+                    **kwargs,
+                )
+                if output_attentions:
+                    all_attentions += (attn_weights,)
         hidden_states = self.ln_f(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        output = _with_cache(
+            BaseModelOutputWithPast,
+            cache if use_cache else None,
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
         )
+        return output if return_dict else output.to_tuple()
 
 
 class EnergyGPTForCausalLM(EnergyGPTPreTrainedModel, GenerationMixin):
@@ -302,30 +380,33 @@ class EnergyGPTForCausalLM(EnergyGPTPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
 
-    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Language-modelling labels, shifted inside the model (`labels = input_ids` works); -100 is ignored.
         """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs: BaseModelOutputWithPast = self.transformer(
             input_ids,
-            past_key_values=past_key_values,
+            cache=_cache_argument(kwargs, cache, past_key_values),
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -341,13 +422,15 @@ class EnergyGPTForCausalLM(EnergyGPTPreTrainedModel, GenerationMixin):
                 )
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        return CausalLMOutputWithPast(
+        output = _with_cache(
+            CausalLMOutputWithPast,
+            outputs[_CACHE_OUTPUT_FIELD] if _CACHE_OUTPUT_FIELD in outputs else None,
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+        return output if return_dict else output.to_tuple()
 
 
 class EnergyGPTForSequenceClassification(EnergyGPTPreTrainedModel):
@@ -360,22 +443,24 @@ class EnergyGPTForSequenceClassification(EnergyGPTPreTrainedModel):
         self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
         self.post_init()
 
-    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
-    ) -> SequenceClassifierOutputWithPast:
+    ) -> SequenceClassifierOutputWithPast | tuple:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices (single-label), a float multi-hot matrix (multi-label) or floats (regression, `num_labels=1`).
         """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         if self.config.pad_token_id is None and batch_size != 1:
             raise ValueError(
@@ -385,11 +470,12 @@ class EnergyGPTForSequenceClassification(EnergyGPTPreTrainedModel):
             )
         outputs: BaseModelOutputWithPast = self.transformer(
             input_ids,
-            past_key_values=past_key_values,
+            cache=_cache_argument(kwargs, cache, past_key_values),
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         logits = self.score(outputs.last_hidden_state)
@@ -418,13 +504,15 @@ class EnergyGPTForSequenceClassification(EnergyGPTPreTrainedModel):
                 )
             loss = self.loss_function(labels=labels, pooled_logits=pooled_logits, config=self.config)
 
-        return SequenceClassifierOutputWithPast(
+        output = _with_cache(
+            SequenceClassifierOutputWithPast,
+            outputs[_CACHE_OUTPUT_FIELD] if _CACHE_OUTPUT_FIELD in outputs else None,
             loss=loss,
             logits=pooled_logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+        return output if return_dict else output.to_tuple()
 
 
 # So `save_pretrained` copies these files beside the weights (the config writes the full `auto_map`).

@@ -6,69 +6,397 @@ Energy of one attention step (DESIGN.md section 1), per head, for a query state 
 One gradient step is softmax attention plus its residual. The other solvers are the textbook optimisers on the same
 energy, *as specified in this project's DESIGN notes* (the paper's body was not available).
 
-A solver is a small module with one job. It may override
-  * `residual_step`: how the attention output updates the residual stream (momentum, Nesterov), and/or
-  * `head_outputs`: what each head returns from its queries, keys and values (Newton-style).
-Adding a solver means writing one class here and adding one line to `ATTENTION_SOLVERS`.
+A solver is one of two kinds of rule, each a module whose `forward` is called (so accelerate's `device_map` hooks see
+its parameters):
+  * a **residual rule** (block level): how the attention output moves the residual stream across depth
+    (`gd`, `momentum`, `nag`, `dense`), called twice per block: `rule(x, state)` gives the point the attention reads
+    (Nesterov's lookahead), `rule(x, state, attn_output)` gives the new residual stream and state;
+  * a **head rule** (attention level): what each head returns from its queries, keys and values (`newton`,
+    `newton_light`; the energies' own rules, e.g. plain softmax attention, live in `ATTENTION_ENERGIES`).
+
+A solver declares itself once, with `Solver(...)`: its rule, config fields (default, check, GPT-2-preserving value),
+parameters (name, shape, init field), paper name and model-card description. The config, model, model card,
+conversion, recipes, `compare` and benchmarks all read `ATTENTION_SOLVERS`. Adding a solver means writing its rule here
+and adding one `register_solver(...)` line.
 """
 
-import functools
+import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 
-# `attend(query_source, context_source=None) -> (attention_output, attention_weights)`: the whole attention sublayer
-# A(LN1(.)) of a block; `context_source` (for keys and values) defaults to `query_source`.
-AttendFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
-# Newton forms attention-shaped (T x S) products; queries are processed in chunks of this size on the SDPA path so
-# that inference memory grows linearly with the sequence length.
+NO_PRESERVING_VALUE = object()  # a field whose value does not matter for GPT-2 equivalence
+RESIDUAL, HEAD = "residual", "head"
+
+# Newton forms attention-shaped (T x S) products; queries are processed in chunks of this size on the fused
+# (SDPA / flash) path so that memory grows linearly with the sequence length.
 NEWTON_QUERY_CHUNK = 256
 
 
-def standard_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
-    """Softmax attention through the configured interface (eager, sdpa, ...), exactly as GPT-2 calls it."""
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
-    return interface(module, query, key, value, attention_mask, **kwargs)
+# ---------------------------------------------------------------------------------------------------------------------
+# Declarations
+# ---------------------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=32)
-def _future_positions(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean (q_len, kv_len) mask of the keys a causal query may not see (queries = the last q_len positions).
-    Cached: every layer and every query chunk of a forward (and the backward recomputation) asks for the same few."""
-    with torch.inference_mode(False):  # a normal tensor even if first built under inference mode
-        return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).triu(kv_len - q_len + 1)
+@dataclass(frozen=True)
+class SolverField:
+    """A config field owned by a solver: default, check (raises `ValueError` naming the field), documentation, and the
+    value at which the solver computes GPT-2 (`NO_PRESERVING_VALUE` when any value does; `None` when no value does)."""
+
+    name: str
+    default: Any
+    check: Callable[[Any], None]
+    doc: str
+    gpt2_value: Any = NO_PRESERVING_VALUE
+
+
+@dataclass(frozen=True)
+class SolverParameter:
+    """A per-layer scalar (or small vector) of a rule, initialised from the config field `init_field`.
+
+    `shape(config, layer_idx)` gives its shape; `None` means the layer has no such parameter (e.g. the first momentum
+    layer, which sees no velocity: a parameter that never gets a gradient breaks DDP).
+    """
+
+    name: str
+    init_field: str
+    shape: Callable[[Any, int], tuple[int, ...] | None]
+    doc: str
+
+
+@dataclass(frozen=True)
+class Solver:
+    name: str
+    kind: str  # RESIDUAL or HEAD
+    rule: type[nn.Module]
+    paper_name: str
+    description: str  # one paragraph for the model card
+    fields: tuple[SolverField, ...] = ()
+    parameters: tuple[SolverParameter, ...] = ()
+    energies: tuple[str, ...] | None = None  # head rules: the energies they are defined for (None: all)
+
+
+ATTENTION_SOLVERS: dict[str, Solver] = {}
+ATTENTION_ENERGIES: dict[str, Solver] = {}  # energy name -> its plain (one gradient step) head rule
+LOCAL_ENERGIES: dict[str, Solver | None] = {"elastic": None}  # None: the energy's own head rule
+
+
+def register_solver(solver: Solver, registry: dict | None = None) -> Solver:
+    """Add a solver (or, with `registry=ATTENTION_ENERGIES` / `LOCAL_ENERGIES`, an energy) to the registry."""
+    registry = ATTENTION_SOLVERS if registry is None else registry
+    if solver.kind not in (RESIDUAL, HEAD):
+        raise ValueError(f"`Solver.kind` must be {RESIDUAL!r} or {HEAD!r}, got {solver.kind!r}.")
+    registry[solver.name] = solver
+    return solver
+
+
+def registered_rules() -> list[Solver]:
+    """Every declared rule: solvers, energies and local energies."""
+    rules = [*ATTENTION_SOLVERS.values(), *ATTENTION_ENERGIES.values(), *LOCAL_ENERGIES.values()]
+    return [rule for rule in rules if rule is not None]
+
+
+def solver_config_fields() -> dict[str, SolverField]:
+    """All config fields declared by registered rules, by name (a field shared by two rules is declared once)."""
+    fields: dict[str, SolverField] = {}
+    for rule in registered_rules():
+        for solver_field in rule.fields:
+            fields.setdefault(solver_field.name, solver_field)
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resolving a config's per-layer solvers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _solver_names_message() -> str:
+    residual = [name for name, solver in ATTENTION_SOLVERS.items() if solver.kind == RESIDUAL]
+    heads = [name for name, solver in ATTENTION_SOLVERS.items() if solver.kind == HEAD]
+    return f"{sorted(ATTENTION_SOLVERS)} or '<residual>+<head>' with residual in {residual} and head in {heads}"
+
+
+def parse_solver(name: Any) -> tuple[Solver, Solver | None]:
+    """`"nag"` -> (nag, None); `"newton"` -> (gd, newton); `"nag+newton_light"` -> (nag, newton_light)."""
+    parts = name.split("+") if isinstance(name, str) else [None]
+    solvers = [ATTENTION_SOLVERS.get(part) for part in parts]
+    kinds = [solver.kind if solver else None for solver in solvers]
+    if len(parts) == 1 and solvers[0] is not None:
+        return (solvers[0], None) if kinds[0] == RESIDUAL else (ATTENTION_SOLVERS["gd"], solvers[0])
+    if len(parts) == 2 and kinds == [RESIDUAL, HEAD]:
+        return solvers[0], solvers[1]
+    raise ValueError(f"`attention_solver` must be one of {_solver_names_message()}, got {name!r}.")
+
+
+def layer_solver_names(config) -> list[str]:
+    """The solver of every layer (a single name applies to all)."""
+    schedule = config.attention_solver
+    return list(schedule) if isinstance(schedule, (list, tuple)) else [schedule] * config.n_layer
+
+
+def layer_solvers(config, layer_idx: int) -> tuple[Solver, Solver | None]:
+    return parse_solver(layer_solver_names(config)[layer_idx])
+
+
+def validate_solver_schedule(config) -> None:
+    """Checks that need the whole config: the per-layer list, which energies a head rule exists for, and state kinds
+    that cannot be mixed. Raises `ValueError` naming the field and the allowed values."""
+    schedule = config.attention_solver
+    if isinstance(schedule, (list, tuple)):
+        if len(schedule) != config.n_layer:
+            raise ValueError(
+                f"`attention_solver` as a list needs one solver per layer: got {len(schedule)} for `n_layer`="
+                f"{config.n_layer}."
+            )
+    elif not isinstance(schedule, str):
+        raise ValueError(f"`attention_solver` must be a solver name or a list of names, got {schedule!r}.")
+    parsed = [parse_solver(name) for name in layer_solver_names(config)]
+    local = LOCAL_ENERGIES[config.local_energy]
+    if local is not None and config.attention_energy != "softmax":
+        raise ValueError(
+            f"`local_energy`={config.local_energy!r} is defined for `attention_energy`='softmax' only, got "
+            f"{config.attention_energy!r}."
+        )
+    for residual, head in parsed:
+        if head is None:
+            continue
+        if head.energies is not None and config.attention_energy not in head.energies:
+            raise ValueError(
+                f"`attention_solver`={head.name!r} does not exist for `attention_energy`={config.attention_energy!r} "
+                f"(defined for {list(head.energies)}); see the energy x optimiser table in the README."
+            )
+        if local is not None:
+            raise ValueError(
+                f"`attention_solver`={head.name!r} is not derived for `local_energy`={config.local_energy!r}: use a "
+                f"residual solver ({[n for n, s in ATTENTION_SOLVERS.items() if s.kind == RESIDUAL]}) with it."
+            )
+    state_kinds = {residual.rule.state_kind for residual, _ in parsed} - {None}
+    if len(state_kinds) > 1:
+        raise ValueError(
+            f"`attention_solver` mixes residual rules that carry different states across layers ({sorted(state_kinds)}): "
+            f"got {schedule!r}; `dense` cannot share a schedule with `momentum` / `nag`."
+        )
+    if config.num_loops > 1 and "history" in state_kinds:
+        raise ValueError("`num_loops` > 1 is not supported with `attention_solver`='dense' (its weights grow with depth).")
+
+
+def has_incoming_state(config, layer_idx: int) -> bool:
+    """Whether layer `layer_idx` can receive a residual-rule state from an earlier layer (or from the previous loop)."""
+    kinds = [parse_solver(name)[0].rule.state_kind for name in layer_solver_names(config)]
+    kind = kinds[layer_idx]
+    earlier = kinds[:layer_idx] if config.num_loops == 1 else kinds
+    return kind is not None and kind in earlier
+
+
+def add_solver_parameters(module: nn.Module, solver: Solver, config, layer_idx: int) -> None:
+    """Create the solver's parameters on `module`: trained parameters, or fixed (saved) buffers under the same
+    state-dict names when `learn_solver_params=False`. Values are set by the model's `_init_weights`."""
+    module.solver_parameters = []
+    for parameter in solver.parameters:
+        shape = parameter.shape(config, layer_idx)
+        if shape is None:
+            continue
+        tensor = torch.full(shape, float(getattr(config, parameter.init_field)))
+        if config.learn_solver_params:
+            module.register_parameter(parameter.name, nn.Parameter(tensor))
+        else:
+            module.register_buffer(parameter.name, tensor, persistent=True)
+        module.solver_parameters.append(parameter)
+
+
+def init_solver_parameters(module: nn.Module, config, constant_: Callable) -> None:
+    """Set a rule's parameters to their configured initial values (called from `_init_weights`)."""
+    for parameter in getattr(module, "solver_parameters", ()):
+        constant_(getattr(module, parameter.name), float(getattr(config, parameter.init_field)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Field checks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_number_in(name: str, low: float, high: float, low_open: bool = False, high_open: bool = False):
+    def check(value: Any) -> None:
+        ok = _is_number(value) and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+        if not ok:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ValueError(f"`{name}` must be a float in {interval}, got {value!r}.")
+
+    return check
+
+
+def check_finite(name: str):
+    def check(value: Any) -> None:
+        if not _is_number(value) or not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite float, got {value!r}.")
+
+    return check
+
+
+def check_choice(name: str, allowed: tuple):
+    def check(value: Any) -> None:
+        if value not in allowed:
+            raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+
+    return check
+
+
+def check_bool(name: str):
+    def check(value: Any) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"`{name}` must be a bool (True or False), got {value!r}.")
+
+    return check
+
+
+def _check_step_bound(value: Any) -> None:
+    if value is not None and (not _is_number(value) or not 0.0 < value < float("inf")):
+        raise ValueError(f"`newton_step_bound` must be a positive float or None (no bound), got {value!r}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Residual rules (block level)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PlainResidual(nn.Module):
+    """`gd`: `x' = x + A(LN1(x))`, exactly GPT-2. A state from earlier layers (in a per-layer schedule) passes through
+    unchanged."""
+
+    state_kind = None
+    queries_only_lookahead = False
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+
+    def forward(self, hidden_states, state, attn_output=None):
+        if attn_output is None:
+            return hidden_states
+        return hidden_states + attn_output, state
+
+
+MOMENTUM_FORMS = ("heavy_ball", "ema")
+
+
+class MomentumResidual(nn.Module):
+    """`momentum` (MomenMHA): momentum across layers, `g = A(LN1(x)); m = beta_l m + g; x' = x + m` (heavy ball) or
+    `m = beta_l m + (1 - beta_l) g` (`momentum_form="ema"`), with m = g at the first momentum layer (so the EMA starts
+    bias-corrected). `momentum_velocity_norm=True` adds `x' = x + LayerNorm(m)`, the stabiliser reproductions of
+    momentum-stream transformers needed. The state never mixes positions, so causality and the KV cache are
+    untouched; unrolled it is a dense skip over earlier attention outputs."""
+
+    state_kind = "velocity"
+    queries_only_lookahead = False
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        add_solver_parameters(self, ATTENTION_SOLVERS["momentum"], config, layer_idx)
+        self.ema = config.momentum_form == "ema"
+        self.velocity_norm = (
+            nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon) if config.momentum_velocity_norm else None
+        )
+
+    def forward(self, hidden_states, velocity, attn_output=None):
+        if attn_output is None:
+            return hidden_states
+        if velocity is None:
+            velocity = attn_output
+        elif self.ema:
+            velocity = torch.lerp(attn_output, velocity, self.momentum_beta)  # beta m + (1 - beta) g
+        else:
+            velocity = self.momentum_beta * velocity + attn_output
+        step = velocity if self.velocity_norm is None else self.velocity_norm(velocity)
+        return hidden_states + step, velocity
+
+
+NAG_LOOKAHEAD_MODES = ("qkv", "query")
+
+
+class NesterovResidual(MomentumResidual):
+    """`nag` (NagMHA): Nesterov momentum. `y = x + beta_l m; g = A(LN1(y))`, then the momentum update. With
+    `nag_lookahead="query"` only the queries are taken at y (keys and values from x)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.queries_only_lookahead = config.nag_lookahead == "query"
+
+    def forward(self, hidden_states, velocity, attn_output=None):
+        if attn_output is None:  # the lookahead point (x itself where there is no velocity yet)
+            return hidden_states if velocity is None else hidden_states + self.momentum_beta * velocity
+        return super().forward(hidden_states, velocity, attn_output)
+
+
+class DenseResidual(nn.Module):
+    """`dense` (DenseFormer-style control): `x' = x + g_l + sum_{j<l} alpha_{l,j} g_j`, a learned weighted sum of all
+    earlier attention outputs, explicit rather than implied by momentum (whose unrolled weights are products of
+    betas). With every alpha = 0 (`dense_init=0`, the default) it is exactly GPT-2."""
+
+    state_kind = "history"
+    queries_only_lookahead = False
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        add_solver_parameters(self, ATTENTION_SOLVERS["dense"], config, layer_idx)
+
+    def forward(self, hidden_states, history, attn_output=None):
+        if attn_output is None:
+            return hidden_states
+        step = attn_output
+        if history is None:
+            history = attn_output.unsqueeze(0)
+        else:
+            weights = self.dense_weights.to(attn_output.dtype).view(-1, *([1] * attn_output.ndim))
+            step = attn_output + (weights * history).sum(0)
+            history = torch.cat([history, attn_output.unsqueeze(0)])
+        return hidden_states + step, history
+
+
+def _previous_dense_layers(config, layer_idx: int) -> tuple[int, ...] | None:
+    count = sum(parse_solver(name)[0].name == "dense" for name in layer_solver_names(config)[:layer_idx])
+    return (count,) if count else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Head rules (attention level)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def key_positions_hidden(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean (q_len, kv_len): True where a causal query may not see the key (queries = the last q_len positions)."""
+    query_positions = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(-1)
+    return torch.arange(kv_len, device=device) > query_positions
 
 
 def attention_probabilities(query, key, attention_mask, scaling: float) -> torch.Tensor:
-    """Softmax attention weights in fp32, whatever form the mask takes.
-
-    With `sdpa` the causal mask may be `None` (pure causal, left to `is_causal`) or boolean; with `eager` it is an
-    additive float mask. Queries are the last `q_len` of the `kv_len` positions.
-    """
+    """Causal softmax attention weights in fp32, whatever form the mask takes: `None` (pure causal, as `sdpa` leaves
+    it), boolean 4D (True = keep), additive float 4D (`eager`), or the 2D padding mask of flash attention. Queries are
+    the last `q_len` of the `kv_len` positions."""
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(
+            f"The Newton head rules need the attention probabilities and cannot read a {type(attention_mask).__name__} "
+            "mask (flex attention): use attn_implementation='sdpa', 'eager' or a flash / custom kernel."
+        )
     # Scale the (smaller) query instead of the scores, and mask in place: one pass less over the T x S scores.
     scores = torch.matmul(query.float() * scaling, key.float().transpose(-1, -2))
     q_len, kv_len = scores.shape[-2:]
-    if attention_mask is None:
-        scores.masked_fill_(_future_positions(q_len, kv_len, scores.device), torch.finfo(scores.dtype).min)
+    lowest = torch.finfo(scores.dtype).min
+    if attention_mask is None or attention_mask.ndim == 2:
+        scores.masked_fill_(key_positions_hidden(q_len, kv_len, scores.device), lowest)
+        if attention_mask is not None:  # flash attention's (batch, kv_len) padding mask, 1 = real token
+            scores.masked_fill_(~attention_mask[:, None, None, :kv_len].bool(), lowest)
     elif attention_mask.dtype == torch.bool:
-        scores.masked_fill_(~attention_mask[..., :kv_len], torch.finfo(scores.dtype).min)
+        scores.masked_fill_(~attention_mask[..., :kv_len], lowest)
     else:
         scores.add_(attention_mask[..., :kv_len].float())
     return torch.softmax(scores, dim=-1)
-
-
-def _bounded_lambda(newton_lambda: torch.Tensor, sigma_bound: torch.Tensor, step_bound: float) -> torch.Tensor:
-    """Per token and head lambda, scaled so that |lambda| * bound(Sigma) <= step_bound (Neumann series validity).
-
-    The scale is exactly 1.0 below the bound, so small lambdas (and lambda = 0) give the plain formula bit for bit.
-    """
-    lam = newton_lambda.float().view(1, -1, 1, 1)
-    scale = step_bound / torch.clamp(lam.abs() * sigma_bound, min=step_bound)
-    return lam * scale
 
 
 class _ChunkSecondMoments(torch.autograd.Function):
@@ -76,8 +404,7 @@ class _ChunkSecondMoments(torch.autograd.Function):
     products behind `Sigma_t mu_t` and `trace(Sigma_t)`, with `p` recomputed from q and k.
 
     Nothing attention-shaped is saved for the backward pass: it recomputes `p` and `v . mu` from the inputs (so memory
-    grows linearly with the sequence length, as with SDPA) and applies the hand-derived gradients, which need one matmul
-    and several elementwise passes less than autograd through the same ops with checkpointing.
+    grows linearly with the sequence length, as with SDPA) and applies the hand-derived gradients.
     """
 
     @staticmethod
@@ -117,184 +444,305 @@ class _ChunkSecondMoments(torch.autograd.Function):
         return grad_query, grad_key, grad_value, grad_norms, grad_mean, None, None
 
 
-class GradientDescentSolver(nn.Module):
-    """`gd` (MHA): one gradient step on the energy, i.e. softmax attention plus residual. Exactly GPT-2:
-    `x' = x + A(LN1(x))`."""
+def bounded_lambda(newton_lambda: torch.Tensor, step_size: torch.Tensor, step_bound: float | None) -> torch.Tensor:
+    """Per token and head lambda with a soft bound on the step: `lambda / sqrt(1 + (lambda * s / bound)^2)`.
 
-    uses_momentum = False
+    `s = ||Sigma mu|| / ||mu||` (or its diagonal analogue) is the size of the correction relative to mu, so the
+    correction `lambda_eff * Sigma mu` always stays below `bound * ||mu||`, in any precision and at any length. The
+    scale is smooth: the gradient of lambda is `(1 + x^2)^(-3/2) > 0` wherever lambda is finite (the earlier hard clip
+    had zero gradient where it engaged), lambda = 0 gives exactly 0 (GPT-2), and `step_bound=None` gives the plain
+    first-order formula with no scaling (the paper's form).
+    """
+    lam = newton_lambda.float().view(1, -1, 1, 1)
+    if step_bound is None:
+        return lam
+    return lam * torch.rsqrt(1.0 + (lam * step_size / step_bound).square())
+
+
+def _relative_size(step: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    norm = torch.linalg.vector_norm
+    return norm(step, dim=-1, keepdim=True) / norm(mean, dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+class NewtonHeads(nn.Module):
+    """`newton` (MHA2nd1st): a Newton step with the first-order (Neumann) inverse Hessian `I + lambda * Sigma`.
+    Per head `o = mu + lambda_h * Sigma mu` (the query state's own term dropped, as the GD step drops `-eta z`), with
+    `Sigma_t mu_t = sum_i p_ti (v_i . mu_t) v_i - (2 - s_t)(mu_t . mu_t) mu_t`, `s_t = sum_i p_ti` (1 without dropout),
+    under the query's own causal softmax; no d_h x d_h matrix is formed. lambda is soft-bounded per token (see
+    `bounded_lambda`).
+
+    Dropout: with `attn_pdrop > 0` in training, one dropped-out distribution `p~ = dropout(p)` feeds both mu (exactly
+    GPT-2's dropped attention) and Sigma, centred at that mu (`Sigma = sum_i p~_i (v_i - mu)(v_i - mu)^T`, positive
+    semi-definite for any mask); the probabilities are then materialised on every backend, so eager and SDPA compute
+    the same function from the same random state.
+    """
+
+    uses_kv_cache = True
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
-
-    def residual_step(
-        self, hidden_states: torch.Tensor, momentum: torch.Tensor | None, attend: AttendFn
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        attn_output, attn_weights = attend(hidden_states)
-        return hidden_states + attn_output, momentum, attn_weights
-
-    def head_outputs(self, module: nn.Module, query, key, value, attention_mask, **kwargs):
-        return standard_attention(module, query, key, value, attention_mask, **kwargs)
-
-    def _register_solver_scalar(self, name: str, init_value: float, shape: tuple[int, ...], learn: bool) -> None:
-        """A trained parameter or a fixed (saved) buffer, under the same state-dict name either way."""
-        tensor = torch.full(shape, float(init_value))
-        if learn:
-            self.register_parameter(name, nn.Parameter(tensor))
-        else:
-            self.register_buffer(name, tensor, persistent=True)
-
-
-class MomentumSolver(GradientDescentSolver):
-    """`momentum` (MomenMHA): heavy-ball momentum across layers.
-    `g = A(LN1(x)); m = beta_l m + g; x' = x + m`, with m = 0 before the first layer. The state never mixes
-    positions, so causality and the KV cache are untouched; unrolled it is a dense skip over earlier attention outputs.
-    """
-
-    uses_momentum = True
-
-    def __init__(self, config, layer_idx: int):
-        super().__init__(config, layer_idx)
-        # The first layer sees m = 0, so its beta would multiply nothing: it has none (a parameter that never gets a
-        # gradient breaks DDP without find_unused_parameters).
-        if layer_idx > 0:
-            self._register_solver_scalar("momentum_beta", config.momentum_beta, (), config.learn_solver_params)
-
-    def residual_step(self, hidden_states, momentum, attend):
-        attn_output, attn_weights = attend(hidden_states)
-        momentum = attn_output if momentum is None else self.momentum_beta * momentum + attn_output
-        return hidden_states + momentum, momentum, attn_weights
-
-
-class NesterovSolver(MomentumSolver):
-    """`nag` (NagMHA): Nesterov momentum. `y = x + beta_l m; g = A(LN1(y)); m = beta_l m + g; x' = x + m`.
-    With `nag_lookahead="query"` only the query is taken at y (keys and values from x)."""
-
-    def __init__(self, config, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self.query_only_lookahead = config.nag_lookahead == "query"
-
-    def residual_step(self, hidden_states, momentum, attend):
-        if momentum is None:  # first layer: m = 0, so the lookahead point is x itself
-            return super().residual_step(hidden_states, momentum, attend)
-        lookahead = hidden_states + self.momentum_beta * momentum
-        if self.query_only_lookahead:
-            attn_output, attn_weights = attend(lookahead, hidden_states)
-        else:
-            attn_output, attn_weights = attend(lookahead)
-        momentum = self.momentum_beta * momentum + attn_output
-        return hidden_states + momentum, momentum, attn_weights
-
-
-class NewtonSolver(GradientDescentSolver):
-    """`newton` (MHA2nd1st): a Newton step with the first-order (Neumann) inverse Hessian `I + lambda * Sigma`.
-    Per head `o = mu + lambda_h * Sigma mu`, with
-    `Sigma_t mu_t = sum_i p_ti (v_i . mu_t) v_i - (mu_t . mu_t) mu_t` under the query's own causal softmax; no
-    d_h x d_h matrix is formed. lambda is bounded per token (see `EnergyGPTConfig.newton_step_bound`)."""
-
-    def __init__(self, config, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self._register_solver_scalar("newton_lambda", config.newton_lambda, (config.n_head,), config.learn_solver_params)
+        add_solver_parameters(self, ATTENTION_SOLVERS["newton"], config, layer_idx)
         self.step_bound = config.newton_step_bound
+        self.record_statistics = False  # set by `record_solver_statistics`; off so compiled graphs have no side effects
+        self.statistics: dict[str, torch.Tensor] = {}
 
-    def correction_vanishes(self) -> bool:
-        """lambda fixed (not trained) at exactly 0: the output is mu, so skip the correction altogether."""
-        return not self.newton_lambda.requires_grad and not bool(self.newton_lambda.any())
-
-    def head_outputs(self, module, query, key, value, attention_mask, **kwargs):
-        # mu through the standard interface, so lambda = 0 reproduces GPT-2 bit for bit on every path.
-        attn_output, attn_weights = standard_attention(module, query, key, value, attention_mask, **kwargs)
-        if self.correction_vanishes():
-            return attn_output, attn_weights
+    def forward(self, attention, query, key, value, attention_mask, attention_interface=None, dropout: float = 0.0,
+                scaling: float = 1.0, cache=None, cache_index=None, key_padding_mask=None, **kwargs):
+        if dropout > 0.0:
+            probs = nn.functional.dropout(attention_probabilities(query, key, attention_mask, scaling), p=dropout)
+            mean = torch.matmul(probs, value.float())
+            correction = self._correction_from_probabilities(probs, value.float(), mean, probs.sum(-1, keepdim=True))
+            return (mean + correction).to(value.dtype).transpose(1, 2), probs.to(value.dtype)
+        # mu through the attention interface, so lambda = 0 reproduces GPT-2 bit for bit on every backend.
+        attn_output, attn_weights = attention_interface(attention, query, key, value, attention_mask,
+                                                        dropout=0.0, scaling=scaling, **kwargs)
         mean = attn_output.transpose(1, 2).float()  # (batch, heads, q_len, head_dim)
-        value = value.float()
-        squared_norms = (value * value).sum(-1, keepdim=True)  # ||v_i||^2, for the trace of Sigma
-        if attn_weights is not None:  # eager already has the probabilities (after dropout): reuse them
-            correction = self._correction(attn_weights.float(), value, squared_norms, mean)
+        if attn_weights is not None:  # eager returns the probabilities: reuse them
+            correction = self._correction_from_probabilities(attn_weights.float(), value.float(), mean, None)
         else:
-            correction = torch.cat(
-                [self._chunk_correction(query, key, value, squared_norms, mean, attention_mask, kwargs["scaling"], *chunk)
-                 for chunk in self._query_chunks(query.shape[2])],
-                dim=2,
-            )
-        output = (mean + correction).to(attn_output.dtype).transpose(1, 2)
-        return output, attn_weights
+            correction = self._fused_correction(query, key, value.float(), mean, attention_mask, scaling)
+        return (mean + correction).to(attn_output.dtype).transpose(1, 2), attn_weights
 
-    @staticmethod
-    def _query_chunks(q_len: int) -> list[tuple[int, int]]:
-        return [(start, min(start + NEWTON_QUERY_CHUNK, q_len)) for start in range(0, q_len, NEWTON_QUERY_CHUNK)]
+    def _fused_correction(self, query, key, value, mean, attention_mask, scaling):
+        """Query chunks with recomputed probabilities (SDPA does not return them). Attention is causal, so a chunk only
+        reads the first `kv_len - q_len + end` keys. No T x S tensor outlives its chunk."""
+        squared_norms = (value * value).sum(-1, keepdim=True)  # ||v_i||^2, for the trace of Sigma
+        q_len, kv_len = query.shape[2], key.shape[2]
+        products, second_moments = [], []
+        for start in range(0, q_len, NEWTON_QUERY_CHUNK):
+            end = min(start + NEWTON_QUERY_CHUNK, q_len)
+            visible = kv_len - q_len + end
+            mask = attention_mask
+            if mask is not None and mask.ndim == 4:
+                mask = mask[:, :, start:end, :visible] if mask.shape[2] > 1 else mask[..., :visible]
+            chunk = _ChunkSecondMoments.apply(query[:, :, start:end], key[:, :, :visible], value[:, :, :visible],
+                                              squared_norms[:, :, :visible], mean[:, :, start:end], mask, scaling)
+            products.append(chunk[0])
+            second_moments.append(chunk[1])
+        return self._finish(torch.cat(products, dim=2), torch.cat(second_moments, dim=2), mean, None)
 
-    def _chunk_correction(self, query, key, value, squared_norms, mean, attention_mask, scaling, start, end):
-        """The correction for queries [start, end) from recomputed probabilities (SDPA does not return them).
-
-        Attention is causal, so the chunk only sees the first `kv_len - q_len + end` keys: the rest are never read.
-        No T x S tensor outlives its chunk (see `_ChunkSecondMoments`), so memory grows linearly with the sequence
-        length, in training as in inference.
-        """
-        visible = key.shape[2] - query.shape[2] + end
-        mask = attention_mask
-        if mask is not None:
-            mask = mask[:, :, start:end, :visible] if mask.shape[2] > 1 else mask[..., :visible]
-        # With mask None, `attention_probabilities` puts the causal diagonal at offset visible - (end - start), which
-        # is exactly this chunk's offset in the full sequence.
-        args = (query[:, :, start:end], key[:, :, :visible], value[:, :, :visible], squared_norms[:, :, :visible],
-                mean[:, :, start:end], mask, scaling)
-        products, second_moment = _ChunkSecondMoments.apply(*args)
-        return self._finish_correction(products, second_moment, mean[:, :, start:end])
-
-    def _correction(self, probs, value, squared_norms, mean):
-        """From explicit probabilities (eager path), through autograd."""
+    def _correction_from_probabilities(self, probs, value, mean, mass):
         products = torch.matmul(probs * torch.matmul(mean, value.transpose(-1, -2)), value)
-        return self._finish_correction(products, torch.matmul(probs, squared_norms), mean)
+        return self._finish(products, torch.matmul(probs, (value * value).sum(-1, keepdim=True)), mean, mass)
 
-    def _finish_correction(self, products, second_moment, mean):
+    def _finish(self, products, second_moment, mean, mass):
         """lambda * Sigma mu from `sum_i p_i (v_i . mu) v_i` and `sum_i p_i ||v_i||^2` (per token and head)."""
-        mean_norm = (mean * mean).sum(-1, keepdim=True)
-        sigma_mean = products - mean_norm * mean
-        trace = second_moment - mean_norm
-        return _bounded_lambda(self.newton_lambda, trace.clamp(min=0), self.step_bound) * sigma_mean
+        centring = (mean * mean).sum(-1, keepdim=True) if mass is None else (2.0 - mass) * (mean * mean).sum(-1, keepdim=True)
+        sigma_mean = products - centring * mean
+        step_size = _relative_size(sigma_mean, mean)
+        if self.record_statistics:
+            self._record(step_size, second_moment - centring)
+        return bounded_lambda(self.newton_lambda, step_size, self.step_bound) * sigma_mean
+
+    @torch.no_grad()
+    def _record(self, step_size: torch.Tensor, spread: torch.Tensor) -> None:
+        """Fraction of token-heads where the soft bound engages (|lambda| s > bound: lambda shrunk by > 29 %), and
+        where wave 1's hard clip on `|lambda| * trace(Sigma)` (or `max diag Sigma`) would have engaged."""
+        lam = self.newton_lambda.float().abs().view(1, -1, 1, 1)
+        bound = self.step_bound if self.step_bound is not None else float("inf")
+        self.statistics = {
+            "bound_engagement": (lam * step_size > bound).float().mean(),
+            "trace_rule_engagement": (lam * spread.clamp(min=0) > (self.step_bound or 0.5)).float().mean(),
+        }
 
 
-class LightNewtonSolver(NewtonSolver):
-    """`newton_light` (LightMHA2nd1st): Newton with a diagonal covariance,
-    `o = mu + lambda_h * (E_p[v*v] - mu*mu) * mu`. `E_p[v*v]` is one more attention pass with values `v*v`, so it runs
-    on SDPA without materialising the T x T matrix."""
+class LightNewtonHeads(NewtonHeads):
+    """`newton_light` (LightMHA2nd1st): Newton with a diagonal covariance, `o = mu + lambda_h * var * mu` with
+    `var = E_p[v*v] - (2 - s) mu*mu` (`s` as in `newton`). `E_p[v*v]` is one more attention pass with values `v*v`
+    through the same attention interface, so it runs on SDPA / flash without materialising the T x T matrix."""
 
-    def head_outputs(self, module, query, key, value, attention_mask, **kwargs):
-        attn_output, attn_weights = standard_attention(module, query, key, value, attention_mask, **kwargs)
-        if self.correction_vanishes():
-            return attn_output, attn_weights
-        mean = attn_output.transpose(1, 2).float()
+    def forward(self, attention, query, key, value, attention_mask, attention_interface=None, dropout: float = 0.0,
+                scaling: float = 1.0, cache=None, cache_index=None, key_padding_mask=None, **kwargs):
         squared_values = value.float().square()
+        if dropout > 0.0:
+            probs = nn.functional.dropout(attention_probabilities(query, key, attention_mask, scaling), p=dropout)
+            mean = torch.matmul(probs, value.float())
+            output = mean + self._correction(torch.matmul(probs, squared_values), mean, probs.sum(-1, keepdim=True))
+            return output.to(value.dtype).transpose(1, 2), probs.to(value.dtype)
+        attn_output, attn_weights = attention_interface(attention, query, key, value, attention_mask,
+                                                        dropout=0.0, scaling=scaling, **kwargs)
+        mean = attn_output.transpose(1, 2).float()
         if attn_weights is not None:
             second_moment = torch.matmul(attn_weights.float(), squared_values)
         else:
-            second_moment, _ = standard_attention(
-                module, query.float(), key.float(), squared_values, attention_mask, **kwargs
-            )
+            second_moment, _ = attention_interface(attention, query.float(), key.float(), squared_values,
+                                                   attention_mask, dropout=0.0, scaling=scaling, **kwargs)
             second_moment = second_moment.transpose(1, 2)
-        variance = (second_moment - mean * mean).clamp(min=0)
-        lam = _bounded_lambda(self.newton_lambda, variance.amax(-1, keepdim=True), self.step_bound)
-        output = (mean + lam * variance * mean).to(attn_output.dtype).transpose(1, 2)
-        return output, attn_weights
+        output = mean + self._correction(second_moment, mean, None)
+        return output.to(attn_output.dtype).transpose(1, 2), attn_weights
+
+    def _correction(self, second_moment, mean, mass):
+        centring = mean * mean if mass is None else (2.0 - mass) * mean * mean
+        step = (second_moment - centring).clamp(min=0) * mean  # rounding only: the variance is >= 0 in exact arithmetic
+        step_size = _relative_size(step, mean)
+        if self.record_statistics:
+            self._record(step_size, (second_moment - centring).amax(-1, keepdim=True))
+        return bounded_lambda(self.newton_lambda, step_size, self.step_bound) * step
 
 
-# The registry: config value -> solver class. One line per solver.
-ATTENTION_SOLVERS: dict[str, type[GradientDescentSolver]] = {
-    "gd": GradientDescentSolver,
-    "momentum": MomentumSolver,
-    "nag": NesterovSolver,
-    "newton": NewtonSolver,
-    "newton_light": LightNewtonSolver,
-}
+class SoftmaxHeads(nn.Module):
+    """The softmax energy's gradient step: standard attention through the configured attention interface (eager,
+    sdpa, flash, flex or a registered custom function), exactly as GPT-2 calls it."""
+
+    uses_kv_cache = True
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+
+    def forward(self, attention, query, key, value, attention_mask, attention_interface=None, cache=None,
+                cache_index=None, key_padding_mask=None, **kwargs):
+        return attention_interface(attention, query, key, value, attention_mask, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The registry. One `register_solver` line per solver (or energy).
+# ---------------------------------------------------------------------------------------------------------------------
+
+_MOMENTUM_FIELDS = (
+    SolverField("momentum_beta", 0.5, check_number_in("momentum_beta", 0.0, 1.0, high_open=True),
+                "Initial beta of every layer for `momentum` / `nag` (0.5 from scratch: the velocity carries a geometric "
+                "average of about two earlier layers).", gpt2_value=0.0),
+    SolverField("momentum_form", "heavy_ball", check_choice("momentum_form", MOMENTUM_FORMS),
+                "`heavy_ball` (m = beta m + g) or `ema` (m = beta m + (1 - beta) g); both are GPT-2 at beta = 0."),
+    SolverField("momentum_velocity_norm", False, check_bool("momentum_velocity_norm"),
+                "LayerNorm on the velocity before it enters the residual stream (x' = x + LN(m)); a stabiliser, not "
+                "function preserving (LN(g) != g).", gpt2_value=False),
+)
+_MOMENTUM_BETA = SolverParameter(
+    "momentum_beta", "momentum_beta",
+    lambda config, layer_idx: () if has_incoming_state(config, layer_idx) else None,
+    "beta_l, the velocity decay of layer l (absent where no velocity arrives, e.g. the first momentum layer).",
+)
+_NEWTON_FIELDS = (
+    SolverField("newton_lambda", 0.1, check_finite("newton_lambda"),
+                "Initial lambda (= 1/temperature) of every head: small, so the first-order inverse Hessian "
+                "I + lambda Sigma starts close to plain attention.", gpt2_value=0.0),
+    SolverField("newton_step_bound", 0.5, _check_step_bound,
+                "Soft bound on the Newton correction relative to mu (||lambda_eff Sigma mu|| < bound ||mu||); None "
+                "gives the plain formula with no scaling."),
+)
+_NEWTON_LAMBDA = SolverParameter("newton_lambda", "newton_lambda", lambda config, layer_idx: (config.n_head,),
+                                 "lambda_{l,h}, one per head.")
+
+register_solver(Solver(
+    "gd", RESIDUAL, PlainResidual, "MHA",
+    "One gradient-descent step on the attention energy: standard attention plus its residual, exactly GPT-2.",
+))
+register_solver(Solver(
+    "momentum", RESIDUAL, MomentumResidual, "MomenMHA",
+    "Momentum across layers: each layer adds a velocity m = beta_l m + A(LN1(x)) (or its EMA form) to the residual "
+    "stream instead of its own attention output.",
+    fields=_MOMENTUM_FIELDS, parameters=(_MOMENTUM_BETA,),
+))
+register_solver(Solver(
+    "nag", RESIDUAL, NesterovResidual, "NagMHA",
+    "Nesterov momentum: the attention is evaluated at the lookahead point y = x + beta_l m instead of at x (queries, "
+    "keys and values from y, or with nag_lookahead=\"query\" only the queries), then the momentum update.",
+    fields=(*_MOMENTUM_FIELDS, SolverField(
+        "nag_lookahead", "qkv", check_choice("nag_lookahead", NAG_LOOKAHEAD_MODES),
+        "`qkv`: q, k and v from the lookahead point; `query`: only q (k and v from x).")),
+    parameters=(_MOMENTUM_BETA,),
+))
+register_solver(Solver(
+    "dense", RESIDUAL, DenseResidual, "DenseFormer-style control",
+    "Control for momentum: each layer adds its attention output plus a learned weighted sum of all earlier attention "
+    "outputs (explicit connectivity, no momentum dynamics).",
+    fields=(SolverField("dense_init", 0.0, check_finite("dense_init"),
+                        "Initial weight of every earlier attention output (0: exactly GPT-2).", gpt2_value=0.0),),
+    parameters=(SolverParameter("dense_weights", "dense_init", _previous_dense_layers,
+                                "alpha_{l,j}, the weight of earlier dense layer j's attention output at layer l."),),
+))
+register_solver(Solver(
+    "newton", HEAD, NewtonHeads, "MHA2nd1st",
+    "A Newton step with the first-order inverse Hessian: per head o = mu + lambda_h Sigma mu, Sigma the "
+    "attention-weighted covariance of the values, the step soft-bounded relative to mu.",
+    fields=_NEWTON_FIELDS, parameters=(_NEWTON_LAMBDA,), energies=("softmax",),
+))
+register_solver(Solver(
+    "newton_light", HEAD, LightNewtonHeads, "LightMHA2nd1st",
+    "Newton with a diagonal covariance: per head o = mu + lambda_h (E_p[v*v] - mu*mu) * mu, one extra attention pass.",
+    fields=_NEWTON_FIELDS, parameters=(_NEWTON_LAMBDA,), energies=("softmax",),
+))
+register_solver(Solver(
+    "softmax", HEAD, SoftmaxHeads, "MHA",
+    "Softmax attention: the free energy -T log sum_i exp(-||z - v_i||^2 / 2T) of elastic local energies.",
+), registry=ATTENTION_ENERGIES)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building and reporting
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def residual_rule_for(config, layer_idx: int) -> nn.Module:
+    return layer_solvers(config, layer_idx)[0].rule(config, layer_idx)
+
+
+def head_rule_for(config, layer_idx: int) -> nn.Module:
+    """The head rule of a layer: its solver's (Newton), else the local energy's (Huber), else the energy's own."""
+    head = layer_solvers(config, layer_idx)[1]
+    if head is None:
+        head = LOCAL_ENERGIES[config.local_energy] or ATTENTION_ENERGIES[config.attention_energy]
+    return head.rule(config, layer_idx)
+
+
+def solver_parameter_names() -> set[str]:
+    """State-dict leaf names of every registered rule's parameters (e.g. `momentum_beta`, `newton_lambda`)."""
+    return {parameter.name for rule in registered_rules() for parameter in rule.parameters}
+
+
+class record_solver_statistics:
+    """Context manager: while active, rules that keep statistics (Newton's bound engagement) record them at every
+    forward. Off by default, so compiled graphs have no side effects."""
+
+    def __init__(self, model: nn.Module):
+        self.rules = [module for module in model.modules() if hasattr(module, "record_statistics")]
+
+    def __enter__(self):
+        for rule in self.rules:
+            rule.record_statistics, rule.statistics = True, {}
+        return self
+
+    def __exit__(self, *exc_info):
+        for rule in self.rules:
+            rule.record_statistics = False
+
+
+def solver_report(model: nn.Module) -> dict[str, Any]:
+    """What the solvers learned: {"parameters": {name: [value per layer (a list for per-head values), None where the
+    layer has none]}, "newton_bound_engagement": [fraction per layer or None], "newton_trace_rule_engagement": [...]}.
+    The engagement fractions are those of the last forward run under `record_solver_statistics(model)`."""
+    base = getattr(model, "base_model", model)
+    blocks = list(base.h)
+    report: dict[str, Any] = {"parameters": {}, "newton_bound_engagement": [], "newton_trace_rule_engagement": []}
+    names = sorted(solver_parameter_names())
+    for layer, block in enumerate(blocks):
+        for name in names:
+            values = [tensor for module in (block.residual_rule, block.attn.head_rule)
+                      if isinstance(tensor := getattr(module, name, None), torch.Tensor)]
+            if values:
+                report["parameters"].setdefault(name, [None] * len(blocks))[layer] = values[0].detach().float().cpu().tolist()
+        statistics = getattr(block.attn.head_rule, "statistics", {})
+        for key in ("bound_engagement", "trace_rule_engagement"):
+            value = statistics.get(key)
+            report[f"newton_{key}"].append(None if value is None else float(value))
+    return report
+
 
 __all__ = [
+    "ATTENTION_ENERGIES",
     "ATTENTION_SOLVERS",
-    "GradientDescentSolver",
-    "MomentumSolver",
-    "NesterovSolver",
-    "NewtonSolver",
-    "LightNewtonSolver",
+    "LOCAL_ENERGIES",
+    "NAG_LOOKAHEAD_MODES",
+    "Solver",
+    "SolverField",
+    "SolverParameter",
     "attention_probabilities",
-    "standard_attention",
+    "layer_solver_names",
+    "parse_solver",
+    "record_solver_statistics",
+    "register_solver",
+    "solver_config_fields",
+    "solver_parameter_names",
+    "solver_report",
 ]

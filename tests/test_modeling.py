@@ -51,12 +51,11 @@ def build(cls=EnergyGPTForCausalLM, attn="eager", **config_overrides):
 def set_solver_params(model, betas=(0.7, 0.4, 0.9), lambda_scale=1.0):
     """Non-zero, layer-dependent beta and head-dependent lambda (of both signs)."""
     for layer, block in enumerate(model.transformer.h):
-        solver = block.attn.solver
-        if hasattr(solver, "momentum_beta"):
-            solver.momentum_beta.fill_(betas[layer])
-        if hasattr(solver, "newton_lambda"):
+        if hasattr(block.residual_rule, "momentum_beta"):
+            block.residual_rule.momentum_beta.fill_(betas[layer])
+        if hasattr(block.attn.head_rule, "newton_lambda"):
             head_lambdas = torch.tensor([1.0, -0.6, 2.0, 0.3]) * (1.0 + 0.5 * layer)
-            solver.newton_lambda.copy_(lambda_scale * head_lambdas)
+            block.attn.head_rule.newton_lambda.copy_(lambda_scale * head_lambdas)
     return model
 
 
@@ -90,8 +89,9 @@ def reference_logits(state_dict, config, input_ids, attention_mask=None, positio
     """Logits of EnergyGPT computed token by token and head by head; returns (logits, newton_steps, clamped_steps).
 
     `newton` uses the explicit d_h x d_h covariance Sigma = sum_i p_i (v_i - mu)(v_i - mu)^T; `newton_light` its
-    diagonal. The step bound: lambda_eff = lambda * bound / max(bound, |lambda| * size(Sigma)), size = trace(Sigma)
-    (newton) or max(diag Sigma) (newton_light). Padding keys get no probability.
+    diagonal. The soft step bound: lambda_eff = lambda / sqrt(1 + (lambda * s / bound)^2) with s = ||step|| / ||mu||,
+    step = Sigma mu (newton) or diag(Sigma) * mu (newton_light); "clamped" counts |lambda| * s > bound. Padding keys
+    get no probability.
     """
     weights = {name: tensor.double() for name, tensor in state_dict.items()}
     solver, lookahead = config.attention_solver, config.nag_lookahead
@@ -129,17 +129,14 @@ def reference_logits(state_dict, config, input_ids, attention_mask=None, positio
                     mu = sum(p * v for p, v in zip(probs, vs))
                     out = mu
                     if solver in ("newton", "newton_light"):
-                        lam = weights[f"{prefix}.attn.solver.newton_lambda"][h]
+                        lam = weights[f"{prefix}.attn.head_rule.newton_lambda"][h]
                         sigma = sum(p * torch.outer(v - mu, v - mu) for p, v in zip(probs, vs))
-                        if solver == "newton":
-                            size, step = torch.trace(sigma), sigma @ mu
-                        else:
-                            diagonal = torch.diagonal(sigma)
-                            size, step = diagonal.max(), diagonal * mu
+                        step = sigma @ mu if solver == "newton" else torch.diagonal(sigma) * mu
+                        size = torch.linalg.vector_norm(step) / torch.linalg.vector_norm(mu)
                         bound = config.newton_step_bound
                         counts["newton_steps"] += 1
                         counts["clamped"] += int(abs(lam) * size > bound)
-                        lam_eff = lam * bound / max(bound, abs(lam) * size)
+                        lam_eff = lam / math.sqrt(1 + (lam * size / bound) ** 2)
                         out = mu + lam_eff * step
                     heads[b, t, cols] = out
         return linear(heads, f"{prefix}.attn.c_proj")
@@ -151,11 +148,11 @@ def reference_logits(state_dict, config, input_ids, attention_mask=None, positio
         if solver in ("gd", "newton", "newton_light"):
             x = x + attention(layer, x, x)
         elif solver == "momentum":
-            beta = weights.get(f"{prefix}.attn.solver.momentum_beta", 0.0)  # layer 0 has none: m = 0 there
+            beta = weights.get(f"{prefix}.residual_rule.momentum_beta", 0.0)  # layer 0 has none: m = 0 there
             momentum = beta * momentum + attention(layer, x, x)
             x = x + momentum
         elif solver == "nag":
-            beta = weights.get(f"{prefix}.attn.solver.momentum_beta", 0.0)
+            beta = weights.get(f"{prefix}.residual_rule.momentum_beta", 0.0)
             y = x + beta * momentum
             gradient_step = attention(layer, y, y if lookahead == "qkv" else x)
             momentum = beta * momentum + gradient_step
@@ -521,7 +518,7 @@ BAD_CONFIG_VALUES = [
     pytest.param({"vocab_size": -5}, "vocab_size", id="negative-vocab"),
     pytest.param({"n_head": 0}, "n_head", id="zero-heads"),
     pytest.param({"nag_lookahead": "keys"}, "nag_lookahead", id="bad-lookahead"),
-    pytest.param({"newton_step_bound": 1.5}, "newton_step_bound", id="bad-step-bound"),
+    pytest.param({"newton_step_bound": -0.5}, "newton_step_bound", id="bad-step-bound"),
     pytest.param({"newton_lambda": float("nan")}, "newton_lambda", id="nan-lambda"),
 ]
 
@@ -552,15 +549,17 @@ def test_bad_overrides_in_from_pretrained_and_from_config(saved_model_dir):
     with pytest.raises(ValueError, match="nag_lookahead"):
         AutoConfig.from_pretrained(saved_model_dir, nag_lookahead="kv")
 
+    # A config changed after loading is checked again when a model is built from it.
     config = AutoConfig.from_pretrained(saved_model_dir)
+    config.attention_solver = "bad"
     with pytest.raises(ValueError, match="attention_solver"):
-        config.attention_solver = "bad"  # checked on assignment
-    # Even a mutation that bypasses the assignment check is caught when a model is built from the config.
-    config.__dict__["momentum_beta"] = 1.5
+        AutoModelForCausalLM.from_config(config)
+    config.attention_solver = "momentum"
+    config.momentum_beta = 1.5
     with pytest.raises(ValueError, match="momentum_beta"):
         AutoModelForCausalLM.from_config(config)
-    config.__dict__["momentum_beta"] = 0.5
-    config.__dict__["n_head"] = 5
+    config.momentum_beta = 0.5
+    config.n_head = 5
     with pytest.raises(ValueError, match="n_embd"):
         AutoModelForCausalLM.from_config(config)
 

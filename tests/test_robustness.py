@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 import energy_gpt
 from energy_gpt import EnergyGPTConfig, EnergyGPTForCausalLM, EnergyGPTForSequenceClassification
 from energy_gpt.io_utils import atomic_directory, atomic_write_json, atomic_write_text
-from energy_gpt.modeling.solvers_energy_gpt import LightNewtonSolver, NewtonSolver
+from energy_gpt.modeling.modeling_energy_gpt import eager_attention_forward
+from energy_gpt.modeling.solvers_energy_gpt import LightNewtonHeads, NewtonHeads
 
 from conftest import REPO_ROOT, SOLVERS, run_without_energy_gpt, tiny_config
 
@@ -127,7 +128,11 @@ invalid_fields = st.sampled_from(
         ("vocab_size", st.integers(-5, 0)),
         ("n_positions", st.integers(-5, 0)),
         ("attn_pdrop", st.floats(1.01, 5.0)),
-        ("newton_step_bound", st.sampled_from([0.0, 1.0, 1.5, -0.1])),
+        ("newton_step_bound", st.sampled_from([0.0, -0.1, math.inf, "big"])),
+        ("momentum_form", st.sampled_from(["adam", "EMA", ""])),
+        ("dense_init", st.sampled_from([math.nan, math.inf, "zero"])),
+        ("num_loops", st.integers(-3, 0)),
+        ("attention_energy", st.sampled_from(["cosine", "Linear"])),
         ("newton_lambda", st.sampled_from([math.inf, -math.inf, math.nan])),
         ("learn_solver_params", st.sampled_from(["yes", 1, None])),
     ]
@@ -141,10 +146,12 @@ def test_invalid_configs_raise_value_error_naming_the_field(data):
     value = data.draw(values)
     with pytest.raises(ValueError, match=rf"`{field}`"):
         tiny_config(**{field: value})
-    # The same check runs on assignment (what a from_pretrained override does).
+    # A value assigned later (as a from_pretrained override is) fails the same check when the config is validated,
+    # which loading and every model constructor do.
     config = tiny_config()
+    setattr(config, field, value)
     with pytest.raises(ValueError, match=rf"`{field}`"):
-        setattr(config, field, value)
+        EnergyGPTForCausalLM(config)
 
 
 @pytest.mark.parametrize(("n_embd", "n_head"), [(30, 4), (32, 3), (10, 20)])
@@ -248,7 +255,7 @@ def test_newton_stays_finite_at_full_context_with_large_activations(solver, dtyp
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("solver_class", [NewtonSolver, LightNewtonSolver])
+@pytest.mark.parametrize("solver_class", [NewtonHeads, LightNewtonHeads])
 def test_newton_step_is_bounded(solver_class):
     """|o - mu| <= newton_step_bound * |mu| per token and head, however large lambda and the values are."""
     config = tiny_config(attention_solver="newton", newton_lambda=50.0, attn_implementation="eager")
@@ -256,7 +263,8 @@ def test_newton_step_is_bounded(solver_class):
     solver = solver_class(config, 0)
     query, key, value = (torch.randn(2, config.n_head, 40, 8) * 10 for _ in range(3))
     mask = torch.full((40, 40), torch.finfo(torch.float32).min).triu(1)[None, None]
-    output, weights = solver.head_outputs(attention, query, key, value, mask, scaling=8**-0.5, dropout=0.0)
+    output, weights = solver(attention, query, key, value, mask, attention_interface=eager_attention_forward,
+                             scaling=8**-0.5, dropout=0.0)
     mean = torch.matmul(weights, value)
     step = (output.transpose(1, 2) - mean).norm(dim=-1)
     assert torch.isfinite(output).all()
@@ -288,11 +296,11 @@ def test_loading_another_solvers_checkpoint_reports_missing_and_unexpected(tmp_p
     model, info = EnergyGPTForCausalLM.from_pretrained(
         tmp_path, attention_solver="newton", output_loading_info=True
     )
-    assert info["unexpected_keys"] == {"transformer.h.1.attn.solver.momentum_beta"}  # layer 0 has no beta
-    assert info["missing_keys"] == {f"transformer.h.{i}.attn.solver.newton_lambda" for i in range(2)}
+    assert info["unexpected_keys"] == {"transformer.h.1.residual_rule.momentum_beta"}  # layer 0 has no beta
+    assert info["missing_keys"] == {f"transformer.h.{i}.attn.head_rule.newton_lambda" for i in range(2)}
     # Missing solver parameters start at their config value, never as uninitialised memory.
     for block in model.transformer.h:
-        assert torch.equal(block.attn.solver.newton_lambda, torch.full((4,), model.config.newton_lambda))
+        assert torch.equal(block.attn.head_rule.newton_lambda, torch.full((4,), model.config.newton_lambda))
 
 
 def test_loading_weights_of_the_wrong_shape_fails_and_names_them(tmp_path, caplog):
