@@ -1,6 +1,7 @@
 """EnergyGPT: energy-based attention solvers (gd, momentum, nag, newton, newton_light) as a transformers model family.
 
-Importing this package registers the classes with the Auto factories.
+Importing this package registers the classes with the Auto factories, and EnergyGPT's default adapter targets with
+PEFT when it is installed (`energy_gpt.peft_utils`).
 """
 
 from transformers import (
@@ -19,6 +20,7 @@ from .modeling import (
     EnergyGPTModel,
     EnergyGPTPreTrainedModel,
 )
+from .peft_utils import register_peft_target_modules
 
 
 __version__ = "0.1.0"
@@ -27,5 +29,8 @@ AutoConfig.register(EnergyGPTConfig.model_type, EnergyGPTConfig, exist_ok=True)
 AutoModel.register(EnergyGPTConfig, EnergyGPTModel, exist_ok=True)
 AutoModelForCausalLM.register(EnergyGPTConfig, EnergyGPTForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(EnergyGPTConfig, EnergyGPTForSequenceClassification, exist_ok=True)
+
+# PEFT's default adapter targets for `energy_gpt` (so `LoraConfig(task_type=...)` alone works); a no-op without PEFT.
+register_peft_target_modules()
 
 __all__ = [*modeling.__all__, "__version__"]

@@ -1,7 +1,14 @@
 """The `energy-gpt` command line. Each sub-command lives in its own module, imported only when used."""
 
+import contextlib
 import importlib
+import logging
+import os
 import sys
+from collections.abc import Iterator
+
+LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
+LOG_DATE_FORMAT = "%m/%d/%Y %H:%M:%S"
 
 
 # sub-command -> (module, one-line help). Each module exposes `main(argv: list[str] | None) -> int`.
@@ -21,6 +28,49 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def is_main_process() -> bool:
+    """Rank 0 (or no launcher): replicas started by torchrun / accelerate launch set RANK."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def configure_logging() -> None:
+    """Progress lines of `energy_gpt` at INFO, visible by default; other libraries keep their own levels.
+
+    The main process shows energy_gpt's INFO lines; replicas only warnings, and transformers' verbosity follows
+    Trainer's default (`--log_level passive`: unchanged on the main process, warning on replicas). A program that
+    already configured logging (a root handler) keeps its handlers; `--log_level` still applies in the recipes.
+    """
+    package_logger = logging.getLogger("energy_gpt")
+    if package_logger.level == logging.NOTSET:
+        package_logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+    if not is_main_process():
+        import transformers
+
+        transformers.utils.logging.set_verbosity_warning()
+    if not logging.getLogger().handlers:
+        # Root stays at WARNING: only energy_gpt's own INFO lines get through, not every library's.
+        logging.basicConfig(format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, stream=sys.stderr)
+
+
+@contextlib.contextmanager
+def command_prog(command: str) -> Iterator[None]:
+    """While a sub-command runs, `sys.argv[0]` is `energy-gpt <command>`: every argparse / HfArgumentParser built
+    without an explicit `prog` then prints `usage: energy-gpt <command> ...` (argparse's default prog is the
+    basename of sys.argv[0])."""
+    saved = sys.argv[0] if sys.argv else None
+    if sys.argv:
+        sys.argv[0] = f"energy-gpt {command}"
+    else:
+        sys.argv.append(f"energy-gpt {command}")
+    try:
+        yield
+    finally:
+        if saved is None:
+            sys.argv.clear()
+        else:
+            sys.argv[0] = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -31,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"energy-gpt: unknown command {command!r}; choose one of {', '.join(COMMANDS)}.\n", file=sys.stderr)
         print(_usage(), file=sys.stderr)
         return 2
+    configure_logging()
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    with command_prog(command):
+        return int(module.main(rest) or 0)
 
 
 if __name__ == "__main__":

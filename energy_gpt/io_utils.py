@@ -1,5 +1,10 @@
 """Atomic file output: every file the project writes goes through here, so an interrupted run leaves the previous
-state intact (write to a temporary file in the same directory, fsync, then `os.replace`)."""
+state intact (write to a temporary file in the same directory, fsync, then `os.replace`).
+
+`tempfile` creates its files 0600 and its directories 0700 (private, whatever the umask); before the rename they get
+the mode a plain `open()` / `mkdir()` would have given them (0666 / 0777 masked by the umask), so results are as
+readable by colleagues as any other file the user writes.
+"""
 
 import contextlib
 import json
@@ -11,6 +16,21 @@ from pathlib import Path
 from typing import Any
 
 
+def _current_umask() -> int:
+    # Linux reports it without changing it; elsewhere the only way to read the umask is to set it (and restore it).
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _chmod_as_created(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a `tempfile` file / directory the mode `open()` / `mkdir()` would have given it under the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_current_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,6 +40,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        _chmod_as_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -54,6 +75,7 @@ def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> 
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         yield staging
+        _chmod_as_created(staging, directory=True)
         if output_dir.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
             os.replace(output_dir, backup / "old")

@@ -6,10 +6,12 @@ from typing import Any
 
 from ..modeling.configuration_energy_gpt import NAG_LOOKAHEAD_MODES
 from ..modeling.solvers_energy_gpt import ATTENTION_SOLVERS
+from ..peft_utils import LORA_TARGET_MODULES
 
 # EnergyGPT's attention (`c_attn`, `c_proj`) and MLP output (`c_proj`) are plain `nn.Linear`s: the usual GPT-2 LoRA
-# targets. The sequence-classification head `score` is trained in full (PEFT `modules_to_save`).
-DEFAULT_LORA_TARGET_MODULES = "c_attn,c_proj"
+# targets, and PEFT's default for `energy_gpt`. The sequence-classification head `score` is trained in full (PEFT
+# `modules_to_save`).
+DEFAULT_LORA_TARGET_MODULES = ",".join(LORA_TARGET_MODULES)
 
 
 @dataclass
@@ -79,6 +81,11 @@ class ModelArguments:
         metadata={"help": "Comma-separated module names that get LoRA adapters (EnergyGPT: c_attn, c_proj, c_fc), "
                           "or 'all-linear'."},
     )
+    lora_train_solver_params: bool = field(
+        default=False,
+        metadata={"help": "Also train the solver scalars (momentum beta, Newton lambda) in full next to the adapters; "
+                          "they are saved with the adapter and merged (PEFT modules_to_save)."},
+    )
     merge_lora: bool = field(
         default=False,
         metadata={"help": "Merge the trained adapters into the weights and save a full model in --output_dir (the "
@@ -97,8 +104,9 @@ class ModelArguments:
             raise ValueError(f"--lora_r must be a positive integer, got {self.lora_r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        if self.merge_lora and not self.use_lora:
-            raise ValueError("--merge_lora needs --use_lora.")
+        for flag in ("merge_lora", "lora_train_solver_params"):
+            if getattr(self, flag) and not self.use_lora:
+                raise ValueError(f"--{flag} needs --use_lora.")
         if not self.lora_target_list():
             raise ValueError("--lora_target_modules is empty; pass e.g. 'c_attn,c_proj'.")
 

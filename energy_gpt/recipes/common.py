@@ -1,6 +1,8 @@
 """What the recipes share: logging set-up, config / tokenizer / model building, LoRA wrapping, data files, the final
 save (model or adapter, model card, push) and the `*_results.json` files of the transformers examples."""
 
+import argparse
+import inspect
 import json
 import logging
 import math
@@ -26,6 +28,7 @@ from transformers import (
 from ..io_utils import atomic_write_json
 from ..model_card import write_model_card
 from ..modeling import EnergyGPTConfig
+from ..peft_utils import solver_modules_to_save
 from .arguments import ModelArguments
 
 logger = logging.getLogger(__name__)
@@ -33,10 +36,29 @@ logger = logging.getLogger(__name__)
 LORA_ADAPTER_DIRNAME = "lora_adapter"
 
 
-def parse_recipe_args(data_arguments_class: type, argv: list[str]) -> tuple[ModelArguments, Any, TrainingArguments]:
+class RecipeHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description keeps its layout (the example command); options show their defaults, as HfArgumentParser's."""
+
+
+def recipe_parser(dataclass_types: tuple[type, ...], description: str | None) -> HfArgumentParser:
+    """An `HfArgumentParser` whose `--help` starts with `usage: energy-gpt <command> [options] | ... ARGS.json` (the
+    prog comes from sys.argv[0], which the `energy-gpt` command line sets), then `description` (a recipe's module
+    docstring), then every option. The short usage line keeps the summary on the first screen: argparse's own would
+    list all of TrainingArguments' ~150 options first."""
+    return HfArgumentParser(
+        dataclass_types,
+        usage="%(prog)s [options]  |  %(prog)s ARGS.json",
+        description=inspect.cleandoc(description) if description else None,
+        formatter_class=RecipeHelpFormatter,
+    )
+
+
+def parse_recipe_args(
+    data_arguments_class: type, argv: list[str], description: str | None = None
+) -> tuple[ModelArguments, Any, TrainingArguments]:
     """(ModelArguments, data arguments, TrainingArguments) from the command line, or from one .json file."""
     use_cpu_data_parallel_without_accelerator()
-    parser = HfArgumentParser((ModelArguments, data_arguments_class, TrainingArguments))
+    parser = recipe_parser((ModelArguments, data_arguments_class, TrainingArguments), description)
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     return parser.parse_args_into_dataclasses(args=argv)
@@ -65,7 +87,7 @@ def setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    logger.warning(
+    logger.info(
         f"Process rank: {training_args.process_index}, device: {training_args.device}, "
         f"distributed training: {training_args.parallel_mode.value == 'distributed'}, world size: "
         f"{training_args.world_size}"
@@ -155,14 +177,18 @@ def wrap_with_lora(model: PreTrainedModel, model_args: ModelArguments, task_type
         return model
     from peft import LoraConfig, get_peft_model
 
+    # A new classification head has nothing to adapt from: train it in full and save it with the adapter; so are the
+    # solver scalars when asked.
+    modules_to_save = ["score"] if task_type == "SEQ_CLS" else []
+    if model_args.lora_train_solver_params:
+        modules_to_save += solver_modules_to_save(model)
     lora_config = LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=model_args.lora_target_list(),
         task_type=task_type,
-        # A new classification head has nothing to adapt from: train it in full and save it with the adapter.
-        modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
+        modules_to_save=modules_to_save or None,
     )
     try:
         peft_model = get_peft_model(model, lora_config)

@@ -1,4 +1,4 @@
-"""`energy-gpt glue`: sequence-classification fine-tuning of an EnergyGPT model with `Trainer`, with the arguments of
+r"""`energy-gpt glue`: sequence-classification fine-tuning of an EnergyGPT model with `Trainer`, with the arguments of
 transformers' `run_glue.py`.
 
     energy-gpt glue --model_name_or_path runs/momentum --task_name rte --do_train --do_eval \
@@ -179,7 +179,7 @@ def label_scheme(data_args: DataTrainingArguments, raw_datasets) -> tuple[bool, 
 def run(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
     """Train and/or evaluate; return the trainer and all metrics (what `all_results.json` holds)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, training_args = parse_recipe_args(DataTrainingArguments, argv)
+    model_args, data_args, training_args = parse_recipe_args(DataTrainingArguments, argv, __doc__)
     setup_logging(training_args)
     if not (training_args.do_train or training_args.do_eval):
         raise ValueError("Nothing to do: pass --do_train and/or --do_eval.")

@@ -1,4 +1,4 @@
-"""`energy-gpt pretrain`: causal-LM pretraining of an EnergyGPT model with `Trainer`, with the arguments of
+r"""`energy-gpt pretrain`: causal-LM pretraining of an EnergyGPT model with `Trainer`, with the arguments of
 transformers' `run_clm.py`.
 
     energy-gpt pretrain --config_overrides "n_layer=4,n_embd=256,n_head=4" --attention_solver momentum \
@@ -168,7 +168,7 @@ def compute_metrics(eval_predictions):
 def run(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
     """Train and/or evaluate; return the trainer and all metrics (what `all_results.json` holds)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, training_args = parse_recipe_args(DataTrainingArguments, argv)
+    model_args, data_args, training_args = parse_recipe_args(DataTrainingArguments, argv, __doc__)
     setup_logging(training_args)
     if not (training_args.do_train or training_args.do_eval):
         raise ValueError("Nothing to do: pass --do_train and/or --do_eval.")
