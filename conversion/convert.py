@@ -8,10 +8,7 @@ import argparse
 import shlex
 import sys
 
-from transformers.hf_argparser import string_to_bool
-
-from ..modeling import ATTENTION_SOLVERS
-from ..modeling.configuration_energy_gpt import NAG_LOOKAHEAD_MODES
+from ..solver_cli import add_solver_arguments, solver_field_names, solver_overrides
 from .gpt2 import (
     DTYPES,
     TASKS,
@@ -21,11 +18,7 @@ from .gpt2 import (
 
 
 # Options that only make sense for GPT-2 -> EnergyGPT (default None, so an explicit use can be detected).
-FORWARD_ONLY_OPTIONS = (
-    "attention_solver", "task", "num_labels", "momentum_beta", "newton_lambda", "newton_step_bound",
-    "learn_solver_params", "nag_lookahead",
-)
-SOLVER_OVERRIDES = ("momentum_beta", "newton_lambda", "newton_step_bound", "learn_solver_params", "nag_lookahead")
+FORWARD_ONLY_OPTIONS = ("task", "num_labels", *solver_field_names())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,19 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output_dir.")
 
     forward = parser.add_argument_group("GPT-2 -> EnergyGPT")
-    forward.add_argument("--attention_solver", default=None, choices=list(ATTENTION_SOLVERS), help="Default: gd.")
     forward.add_argument("--task", default=None, choices=TASKS, help="Default: causal-lm.")
     forward.add_argument("--num_labels", type=int, default=None,
                          help="Labels of a new classification head (--task sequence-classification).")
-    forward.add_argument("--momentum_beta", type=float, default=None,
-                         help="Initial beta of every layer (momentum, nag). Default 0: exactly GPT-2.")
-    forward.add_argument("--newton_lambda", type=float, default=None,
-                         help="Initial lambda of every head (newton, newton_light). Default 0: exactly GPT-2.")
-    forward.add_argument("--newton_step_bound", type=float, default=None, help="See EnergyGPTConfig (default 0.5).")
-    forward.add_argument("--learn_solver_params", type=string_to_bool, nargs="?", const=True, default=None,
-                         help="Train beta / lambda (true, the default) or keep them fixed (false).")
-    forward.add_argument("--nag_lookahead", default=None, choices=NAG_LOOKAHEAD_MODES,
-                         help="qkv (default): q, k, v at the lookahead point; query: only q.")
+    # Solver flags from the registry (default: gd; solver scalars at their function-preserving values, e.g. 0).
+    add_solver_arguments(forward)
     return parser
 
 
@@ -78,16 +63,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"Wrote the GPT-2 checkpoint converted from {args.model_name_or_path} to {output}")
             return 0
-        overrides = {name: getattr(args, name) for name in SOLVER_OVERRIDES if getattr(args, name) is not None}
+        overrides = solver_overrides(args)
+        attention_solver = overrides.pop("attention_solver", "gd")
         output = convert_gpt2_checkpoint(
-            args.model_name_or_path, args.output_dir, attention_solver=args.attention_solver or "gd",
+            args.model_name_or_path, args.output_dir, attention_solver=attention_solver,
             task=args.task or "causal-lm", num_labels=args.num_labels, revision=args.revision, dtype=args.dtype,
             overwrite=args.overwrite, command=command, **overrides,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as error:  # ConversionError, config values, --output_dir
         print(f"energy-gpt convert: error: {error}", file=sys.stderr)
         return 1
-    settings = {"attention_solver": args.attention_solver or "gd", **overrides}
+    settings = {"attention_solver": attention_solver, **overrides}
     settings = ", ".join(f"{name}={value}" for name, value in settings.items())
     print(f"Wrote the EnergyGPT checkpoint ({settings}) converted from {args.model_name_or_path} to {output}")
     return 0

@@ -1,9 +1,12 @@
 """GPT-2 <-> EnergyGPT weight conversion.
 
-GPT-2 -> EnergyGPT works for every solver: with `momentum_beta = 0` / `newton_lambda = 0` (the defaults here, unlike
-`EnergyGPTConfig`'s own training-from-scratch defaults) every solver computes exactly what GPT-2 computed, so a
-pretrained GPT-2 is a valid starting point. EnergyGPT -> GPT-2 works whenever the solver reduces to GPT-2: `gd`
-always, `momentum` / `nag` when every layer's beta is 0, `newton` / `newton_light` when every head's lambda is 0.
+GPT-2 -> EnergyGPT works for every softmax-energy solver: at each solver's declared function-preserving values (e.g.
+`momentum_beta = 0`, `newton_lambda = 0`, `dense_init = 0`; the defaults here, unlike `EnergyGPTConfig`'s own
+training-from-scratch defaults) every solver computes exactly what GPT-2 computed, so a pretrained GPT-2 is a valid
+starting point. Other energies (`linear`, `gated_linear`, `huber`) start from GPT-2's weights without computing GPT-2.
+EnergyGPT -> GPT-2 works whenever the model reduces to GPT-2 (`gpt2_equivalence_problems` is empty): `gd` always,
+`momentum` / `nag` when every layer's beta is 0, `newton` / `newton_light` when every head's lambda is 0, and so on for
+every registered solver.
 
 Checkpoint layouts read (local directory or Hub id, `revision` supported):
   * what `GPT2LMHeadModel.save_pretrained` writes today (`transformer.` prefix, `model.safetensors`, maybe sharded);
@@ -30,11 +33,13 @@ from transformers.utils import logging
 
 from ..io_utils import atomic_directory, atomic_write_text
 from ..model_card import write_model_card
-from ..modeling import (
-    ATTENTION_SOLVERS,
-    EnergyGPTConfig,
-    EnergyGPTForCausalLM,
-    EnergyGPTForSequenceClassification,
+from ..modeling import EnergyGPTConfig, EnergyGPTForCausalLM, EnergyGPTForSequenceClassification
+from ..modeling.solvers_energy_gpt import (
+    energy_axis_config_fields,
+    function_preserving_settings,
+    gpt2_equivalence_problems,
+    is_rule_tensor,
+    schedule_rules,
 )
 
 
@@ -51,11 +56,6 @@ CONV1D_WEIGHT_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_
 LEGACY_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 # Task heads stored at the top level of a checkpoint; everything else belongs under `transformer.`.
 HEAD_PREFIXES = ("lm_head.", "score.")
-# EnergyGPT-only config fields and tensors (the solver's beta / lambda live under `attn.solver.`).
-SOLVER_CONFIG_FIELDS = (
-    "attention_solver", "momentum_beta", "newton_lambda", "newton_step_bound", "learn_solver_params", "nag_lookahead"
-)
-SOLVER_TENSOR_MARKER = ".attn.solver."
 # Config keys that describe the file or class rather than the network: never carried across.
 NOT_CARRIED_CONFIG_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype")
 
@@ -309,27 +309,32 @@ def _energy_gpt_config(
 ) -> EnergyGPTConfig:
     # GPT2Config normalises old config files (e.g. the Hub's `n_ctx`); then keep the fields EnergyGPT shares with it.
     gpt2_fields = GPT2Config.from_dict(source_config).to_dict()
-    carried = {k: v for k, v in gpt2_fields.items() if k in EnergyGPTConfig.__dataclass_fields__}
-    for key in NOT_CARRIED_CONFIG_KEYS:
-        carried.pop(key, None)
+    carried = {k: v for k, v in gpt2_fields.items() if k not in NOT_CARRIED_CONFIG_KEYS}
     if num_labels is not None:
         carried.pop("id2label", None)
         carried.pop("label2id", None)
         carried["num_labels"] = num_labels
-    # Function-preserving start (beta = 0, lambda = 0): passed explicitly since EnergyGPTConfig's own defaults are for
-    # training from scratch.
-    solver_settings = {"attention_solver": attention_solver, "momentum_beta": 0.0, "newton_lambda": 0.0}
-    unknown = sorted(set(overrides) - set(EnergyGPTConfig.__dataclass_fields__) - {"num_labels"})
+    known = {*gpt2_fields, *energy_axis_config_fields(), "num_labels", "pad_token_id", "bos_token_id", "eos_token_id"}
+    unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConversionError(
-            f"Unknown EnergyGPTConfig field(s) {unknown}; accepted solver fields: {list(SOLVER_CONFIG_FIELDS)}."
+            f"Unknown EnergyGPTConfig field(s) {unknown}; accepted solver fields: {list(energy_axis_config_fields())}."
         )
-    config = EnergyGPTConfig(**{**carried, **solver_settings, **overrides})
-    # A solver scalar the chosen solver does not have is almost certainly a mistake on the command line.
-    solvers_using = {"momentum_beta": ("momentum", "nag"), "newton_lambda": ("newton", "newton_light")}
-    unused = [name for name, users in solvers_using.items() if overrides.get(name) and attention_solver not in users]
+    # Function-preserving start (each solver's declared GPT-2 values, e.g. beta = 0, lambda = 0): passed explicitly
+    # since EnergyGPTConfig's own defaults are for training from scratch.
+    try:
+        config = EnergyGPTConfig(**{**carried, "attention_solver": attention_solver, **overrides})
+        config = EnergyGPTConfig(**{**carried, "attention_solver": attention_solver,
+                                    **function_preserving_settings(config), **overrides})
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
+    # A solver field the chosen solvers do not have is almost certainly a mistake on the command line.
+    used_fields = {solver_field.name for rule in schedule_rules(config) for solver_field in rule.fields}
+    unused = sorted(set(overrides) & set(energy_axis_config_fields()[5:]) - used_fields)
     if unused:
         logger.warning(f"{', '.join(unused)} has no effect with attention_solver={attention_solver!r}.")
+    if problems := gpt2_equivalence_problems(config, {}):
+        logger.warning(f"The converted model does not compute GPT-2 ({'; '.join(problems)}): a starting point only.")
     if task == "sequence-classification" and config.pad_token_id is None:
         logger.warning(
             "The converted classifier has no `pad_token_id`: it can only classify unpadded batches of one sequence. "
@@ -367,7 +372,7 @@ def gpt2_to_energy_gpt(
         model_or_path: `gpt2`, `openai-community/gpt2-medium`, any fine-tuned GPT-2 on the Hub, a local checkpoint
             directory (both the Hub's original layout and today's `save_pretrained` layout), or a `GPT2LMHeadModel` /
             `GPT2ForSequenceClassification` / `GPT2Model` instance.
-        attention_solver: one of `gd`, `momentum`, `nag`, `newton`, `newton_light`.
+        attention_solver: any `EnergyGPTConfig.attention_solver` value (see `ATTENTION_SOLVERS`), also a per-layer list.
         task: `causal-lm` (EnergyGPTForCausalLM) or `sequence-classification` (EnergyGPTForSequenceClassification;
             the `score` head of a GPT2ForSequenceClassification source is kept, otherwise newly initialised).
         num_labels: labels of a new classification head (default: the source config's, i.e. 2 for a plain GPT-2).
@@ -379,8 +384,6 @@ def gpt2_to_energy_gpt(
     """
     if task not in TASKS:
         raise ConversionError(f"--task must be one of {list(TASKS)}, got {task!r}.")
-    if attention_solver not in ATTENTION_SOLVERS:
-        raise ConversionError(f"--attention_solver must be one of {list(ATTENTION_SOLVERS)}, got {attention_solver!r}.")
     source = model_or_path if isinstance(model_or_path, SourceCheckpoint) else _load_source(
         model_or_path, GPT2_MODEL_TYPES, "a GPT-2", revision
     )
@@ -402,7 +405,7 @@ def gpt2_to_energy_gpt(
     converted = _gpt2_to_energy_state_dict(state_dict, task, tied=config.tie_word_embeddings)
     # Tensors the checkpoint does not provide: the solver's beta / lambda (set from the config), the tied LM head,
     # and a classification head that the source (a language model) did not have.
-    allowed_missing = {key for key in model.state_dict() if SOLVER_TENSOR_MARKER in key}
+    allowed_missing = {key for key in model.state_dict() if is_rule_tensor(key)}
     if config.tie_word_embeddings:
         allowed_missing.add("lm_head.weight")
     if task == "sequence-classification" and head_in_source is None:
@@ -419,27 +422,17 @@ def gpt2_to_energy_gpt(
 
 
 def _check_reduces_to_gpt2(config: dict[str, Any], state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse a solver whose update GPT-2 cannot express: non-zero beta (momentum, nag) or lambda (newton*)."""
-    solver = config.get("attention_solver", "gd")
-    if solver == "gd":
-        return
-    parameter = "momentum_beta" if solver in ("momentum", "nag") else "newton_lambda"
-    values = {key: tensor for key, tensor in state_dict.items() if key.endswith(f"{SOLVER_TENSOR_MARKER}{parameter}")}
-    if not values:  # not stored: every layer has the config's initial value
-        values = {f"config.{parameter}": torch.tensor(float(config.get(parameter, 0.0)))}
-    non_zero = {key: tensor.float().abs().max().item() for key, tensor in values.items() if bool(tensor.ne(0).any())}
-    if non_zero:
-        worst = max(non_zero.values())
-        what = (
-            "carries a momentum state across layers" if parameter == "momentum_beta"
-            else "adds a second-order (covariance) term to every attention head"
-        )
+    """Refuse a model whose update GPT-2 cannot express (e.g. non-zero beta or lambda), naming every reason."""
+    energy_config = EnergyGPTConfig(**{k: v for k, v in config.items() if k not in NOT_CARRIED_CONFIG_KEYS})
+    problems = gpt2_equivalence_problems(energy_config, state_dict)
+    if problems:
+        solver = config.get("attention_solver", "gd")
         raise ConversionError(
-            f"{source} uses attention_solver={solver!r} with {parameter} != 0 in {len(non_zero)} of {len(values)} "
-            f"layer tensor(s) (largest |{parameter}| = {worst:.4g}, e.g. {sorted(non_zero)[:3]}): it {what}, which "
-            "GPT-2 cannot express, so a GPT-2 checkpoint would compute something else. Only `gd` models, `momentum` / "
-            "`nag` models with every momentum_beta == 0 and `newton` / `newton_light` models with every "
-            "newton_lambda == 0 reduce exactly to GPT-2."
+            f"{source} (attention_solver={solver!r}) does not reduce to GPT-2: {'; '.join(problems[:6])}"
+            f"{f' (and {len(problems) - 6} more)' if len(problems) > 6 else ''}. GPT-2 cannot express these terms, so "
+            "a GPT-2 checkpoint would compute something else. Only models at their solvers' function-preserving values "
+            "(`gd`; `momentum` / `nag` with every momentum_beta == 0; `newton` / `newton_light` with every "
+            "newton_lambda == 0; `dense` with every weight 0; ...) reduce exactly to GPT-2."
         )
 
 
@@ -459,7 +452,7 @@ def energy_gpt_to_gpt2(
 
     gpt2_config_fields = {
         key: value for key, value in source.config.items()
-        if key not in SOLVER_CONFIG_FIELDS and key not in NOT_CARRIED_CONFIG_KEYS
+        if key not in energy_axis_config_fields() and key not in NOT_CARRIED_CONFIG_KEYS
     }
     config = GPT2Config(**gpt2_config_fields)
     is_classifier = "score.weight" in state_dict
@@ -468,7 +461,7 @@ def energy_gpt_to_gpt2(
     converted = {
         key: tensor.t().contiguous() if key.endswith(CONV1D_WEIGHT_SUFFIXES) else tensor
         for key, tensor in state_dict.items()
-        if SOLVER_TENSOR_MARKER not in key and not (key == "lm_head.weight" and config.tie_word_embeddings)
+        if not is_rule_tensor(key) and not (key == "lm_head.weight" and config.tie_word_embeddings)
     }
     allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
     _load_strict(model, converted, allowed_missing, source.name)

@@ -12,12 +12,13 @@ the Hub would reject never reaches disk.
 import json
 import math
 import re
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .io_utils import atomic_write_text
+from .modeling.solvers_energy_gpt import layer_solver_names, schedule_rules, solver_parameter_names
 
 
 CARD_TEMPLATE = "energy_gpt_card.md.jinja"
@@ -29,76 +30,40 @@ NON_QUALITY_METRICS = ("runtime", "samples_per_second", "steps_per_second", "sam
 MAX_TRAINING_ROWS = 10
 
 
-@dataclass(frozen=True)
-class SolverCardText:
-    paper_name: str
-    summary: str
-    update_rule: str
-
-
-# One entry per solver in `energy_gpt.ATTENTION_SOLVERS` (a test keeps the two in sync). Wording follows DESIGN.md.
-SOLVER_CARD_TEXT: dict[str, SolverCardText] = {
-    "gd": SolverCardText(
-        paper_name="MHA",
-        summary=(
-            "One gradient-descent step on the attention energy `F(z) = -T log sum_i exp(-||z - v_i||^2 / 2T)`. "
-            "Its gradient is `z - mu` with `mu` the softmax-weighted mean of the values, so the step is exactly "
-            "softmax attention plus its residual connection: this solver computes GPT-2."
-        ),
-        update_rule="x' = x + A(LN1(x))",
-    ),
-    "momentum": SolverCardText(
-        paper_name="MomenMHA",
-        summary=(
-            "Heavy-ball momentum across layers: each layer's attention output is added to a momentum state `m` "
-            "(zero before the first layer, one per token, never mixing positions) that is carried to the next "
-            "layer with a per-layer factor `beta_l`. Unrolled, every layer adds a weighted sum of all earlier "
-            "attention outputs, a dense skip connection. With every `beta_l = 0` it computes GPT-2."
-        ),
-        update_rule="g = A(LN1(x));  m = beta_l * m + g;  x' = x + m",
-    ),
-    "nag": SolverCardText(
-        paper_name="NagMHA",
-        summary=(
-            "Nesterov momentum: the attention gradient is taken at the lookahead point `y = x + beta_l m` instead "
-            "of at `x` (queries, keys and values from `y`, or with `nag_lookahead=\"query\"` only the queries). "
-            "With every `beta_l = 0` it computes GPT-2."
-        ),
-        update_rule="y = x + beta_l * m;  g = A(LN1(y));  m = beta_l * m + g;  x' = x + m",
-    ),
-    "newton": SolverCardText(
-        paper_name="MHA2nd1st",
-        summary=(
-            "A Newton step on the energy with the first-order (Neumann) inverse Hessian `I + lambda * Sigma`, where "
-            "`Sigma` is the attention-weighted covariance of the values under each query's causal softmax. Per head "
-            "the output `mu` gains the correction `lambda_h * Sigma mu`, computed with attention-shaped products "
-            "only. With every `lambda_h = 0` it computes GPT-2."
-        ),
-        update_rule="per head: o = mu + lambda_h * Sigma mu;  x' = x + c_proj(o)",
-    ),
-    "newton_light": SolverCardText(
-        paper_name="LightMHA2nd1st",
-        summary=(
-            "The Newton step with a diagonal covariance: `Sigma` is replaced by the per-coordinate variance "
-            "`E_p[v*v] - mu*mu`, one more attention pass with values `v*v`. With every `lambda_h = 0` it computes "
-            "GPT-2."
-        ),
-        update_rule="per head: o = mu + lambda_h * (E_p[v*v] - mu*mu) * mu;  x' = x + c_proj(o)",
-    ),
-}
-
-# Config fields shown in the card, per solver (the rest of config.json is GPT-2's and is linked, not repeated).
+# Config fields always shown in the card; each rule in use adds its own declared fields (from the solver registry).
 _SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
-_SOLVER_FIELDS = {
-    "gd": (),
-    "momentum": ("momentum_beta", "learn_solver_params"),
-    "nag": ("momentum_beta", "nag_lookahead", "learn_solver_params"),
-    "newton": ("newton_lambda", "newton_step_bound", "learn_solver_params"),
-    "newton_light": ("newton_lambda", "newton_step_bound", "learn_solver_params"),
-}
-# State-dict name suffix of the per-layer solver scalar, per solver.
-_SOLVER_SCALAR = {"momentum": "momentum_beta", "nag": "momentum_beta", "newton": "newton_lambda",
-                  "newton_light": "newton_lambda"}
+
+
+def _config_view(config: dict[str, Any]) -> SimpleNamespace:
+    """The few config attributes the solver registry reads, from a config.json dict."""
+    return SimpleNamespace(
+        attention_solver=config.get("attention_solver", "gd"), n_layer=config.get("n_layer", 1),
+        attention_energy=config.get("attention_energy", "softmax"), local_energy=config.get("local_energy", "elastic"),
+        num_loops=config.get("num_loops", 1),
+    )
+
+
+def _card_rules(config: dict[str, Any]) -> list:
+    """The registered rules this config uses (clear error for a solver this installation does not know)."""
+    try:
+        return schedule_rules(_config_view(config))
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"config.json `attention_solver` / energy fields are not known here: {error}") from error
+
+
+def _schedule_text(config: dict[str, Any]) -> str:
+    """`nag` or, for a per-layer schedule, `gd (layers 0-1), nag (layers 2-3)`."""
+    names = layer_solver_names(_config_view(config))
+    if len(set(names)) == 1:
+        return names[0]
+    runs, start = [], 0
+    for layer in range(1, len(names) + 1):
+        if layer == len(names) or names[layer] != names[start]:
+            runs.append(f"{names[start]} (layer{'s' if layer - start > 1 else ''} "
+                        f"{start if layer - start == 1 else f'{start}-{layer - 1}'})")
+            start = layer
+    return ", ".join(runs)
+
 
 # architecture suffix -> (pipeline_tag, Auto class a reader loads it with)
 _TASKS = {
@@ -186,33 +151,35 @@ def _training_rows(state: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     ]
 
 
-def _read_weights(model_dir: Path, solver: str) -> tuple[int | None, list[tuple[int, list[float]]]]:
-    """(number of stored parameters, per-layer solver scalars) read from the safetensors headers and tensors."""
+def _read_weights(model_dir: Path) -> tuple[int | None, dict[str, list[tuple[int, list[float]]]]]:
+    """(number of stored parameters, {solver parameter name: per-layer values}) from the safetensors weights. Solver
+    parameters are found by the names the registry declares, wherever the rule module sits."""
     from safetensors import safe_open
 
     index = _read_json(model_dir / "model.safetensors.index.json")
     files = sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
     if not all((model_dir / name).is_file() for name in files):
-        return None, []
-    scalar_name = _SOLVER_SCALAR.get(solver)
+        return None, {}
+    names = solver_parameter_names()
     parameter_count, scalars = 0, {}
     for name in files:
         with safe_open(str(model_dir / name), framework="pt") as weights:
             for key in weights.keys():
                 parameter_count += math.prod(weights.get_slice(key).get_shape())
-                if scalar_name and key.endswith(f"attn.solver.{scalar_name}"):
+                leaf = key.rsplit(".", 1)[-1]
+                if leaf in names and ".h." in key:
                     layer = int(key.split(".h.")[1].split(".")[0])
-                    scalars[layer] = weights.get_tensor(key).float().flatten().tolist()
-    return parameter_count, sorted(scalars.items())
+                    scalars.setdefault(leaf, {})[layer] = weights.get_tensor(key).float().flatten().tolist()
+    return parameter_count, {name: sorted(values.items()) for name, values in sorted(scalars.items())}
 
 
-def _provenance(base_model: str | None, trained: bool, scalars: list[tuple[int, list[float]]]) -> str:
+def _provenance(base_model: str | None, trained: bool, scalars: dict[str, list[tuple[int, list[float]]]]) -> str:
     if trained:
         start = f"starting from `{base_model}`" if base_model else "from the configuration's initialisation"
         return f"Trained with the Hugging Face `Trainer` {start} (`trainer_state.json` is in the repository)."
     if base_model:
         text = f"Converted from `{base_model}`: its weights were copied into the EnergyGPT layout, without training."
-        if scalars and all(value == 0.0 for _, values in scalars for value in values):
+        if scalars and all(value == 0.0 for rows in scalars.values() for _, values in rows for value in values):
             text += (" Every solver scalar stored in the weights is 0, so this checkpoint computes exactly the "
                      "function of the base model.")
         return text
@@ -260,13 +227,12 @@ def render_model_card(
     if config is None:
         raise FileNotFoundError(f"{model_dir / 'config.json'} not found: a model card is rendered from the config.")
     architecture, pipeline_tag, auto_class = _task_of(config)
-    solver = config.get("attention_solver", "gd")
-    if solver not in SOLVER_CARD_TEXT:
-        raise ValueError(f"config.json `attention_solver` is {solver!r}; allowed values: {sorted(SOLVER_CARD_TEXT)}.")
+    rules = _card_rules(config)
+    solver = _schedule_text(config)
 
     results = _read_results(model_dir)
     state = _read_json(model_dir / TRAINER_STATE_FILE)
-    parameter_count, scalars = _read_weights(model_dir, solver)
+    parameter_count, scalars = _read_weights(model_dir)
     model_name = _model_name(model_dir, repo_id)
     hub_datasets = [name for name in datasets or [] if _is_hub_id(name)]
 
@@ -287,7 +253,8 @@ def render_model_card(
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag=pipeline_tag,
-        tags=["energy-gpt", "energy-attention", solver, "custom_code", "arxiv:2511.00907"],
+        tags=["energy-gpt", "energy-attention", *dict.fromkeys(layer_solver_names(_config_view(config))), "custom_code",
+              "arxiv:2511.00907"],
         base_model=base_model if _is_hub_id(base_model) else None,
         datasets=hub_datasets or None,
         license=license or _default_license(base_model),
@@ -295,9 +262,11 @@ def render_model_card(
         eval_results=eval_results or None,
     )
 
+    rule_fields = [solver_field.name for rule in rules for solver_field in rule.fields]
     config_rows = [("attention_solver", f"`{solver}`")]
-    config_rows += [(name, _format_number(config[name])) for name in _SHAPE_FIELDS + _SOLVER_FIELDS[solver]
-                    if name in config]
+    config_rows += [(name, _format_number(config[name])) for name in dict.fromkeys(
+        [*_SHAPE_FIELDS, "attention_energy", "local_energy", "num_loops", *rule_fields, "learn_solver_params"])
+        if name in config]
     if pipeline_tag == "text-classification" and config.get("id2label"):
         config_rows.append(("id2label", ", ".join(f"{k}: {v}" for k, v in sorted(config["id2label"].items()))))
 
@@ -311,14 +280,14 @@ def render_model_card(
         card_data=card_data.to_yaml(),
         model_name=model_name,
         solver=solver,
-        solver_text=SOLVER_CARD_TEXT[solver],
+        rules=rules,
         pipeline_tag=pipeline_tag,
         architecture=architecture,
         auto_class=auto_class,
+        pad_is_eos=config.get("pad_token_id") is not None and config.get("pad_token_id") == config.get("eos_token_id"),
         config_rows=config_rows,
-        solver_scalars=[(layer, ", ".join(f"{v:.6g}" for v in values)) for layer, values in scalars],
-        solver_scalar_name=_SOLVER_SCALAR.get(solver, ""),
-        solver_scalar_per_head=solver in ("newton", "newton_light"),
+        solver_scalars={name: [(layer, ", ".join(f"{v:.6g}" for v in values)) for layer, values in rows]
+                        for name, rows in scalars.items()},
         repo_id=repo_id or "<namespace>/<name>",
         revision=revision or "main",
         revision_comment=("the commit this card was pushed with" if revision
@@ -334,6 +303,7 @@ def render_model_card(
         parameter_count=_format_number(parameter_count) if parameter_count else None,
         base_model=base_model,
         newton_step_bound=config.get("newton_step_bound"),
+        uses_newton=any(parameter.name == "newton_lambda" for rule in rules for parameter in rule.parameters),
     )
     ModelCard(text)  # raises if the YAML header is not what the Hub accepts
     return text

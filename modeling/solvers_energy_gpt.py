@@ -75,6 +75,7 @@ class Solver:
     rule: type[nn.Module]
     paper_name: str
     description: str  # one paragraph for the model card
+    update_rule: str = ""  # the update in one line, for the model card and docs
     fields: tuple[SolverField, ...] = ()
     parameters: tuple[SolverParameter, ...] = ()
     energies: tuple[str, ...] | None = None  # head rules: the energies they are defined for (None: all)
@@ -627,17 +628,21 @@ _NEWTON_LAMBDA = SolverParameter("newton_lambda", "newton_lambda", lambda config
 register_solver(Solver(
     "gd", RESIDUAL, PlainResidual, "MHA",
     "One gradient-descent step on the attention energy: standard attention plus its residual, exactly GPT-2.",
+    update_rule="x' = x + A(LN1(x))",
 ))
 register_solver(Solver(
     "momentum", RESIDUAL, MomentumResidual, "MomenMHA",
     "Momentum across layers: each layer adds a velocity m = beta_l m + A(LN1(x)) (or its EMA form) to the residual "
-    "stream instead of its own attention output.",
+    "stream instead of its own attention output. With every beta_l = 0 it computes GPT-2.",
+    update_rule="g = A(LN1(x));  m = beta_l * m + g  (ema: beta_l * m + (1 - beta_l) * g);  x' = x + m  (or + LN(m))",
     fields=_MOMENTUM_FIELDS, parameters=(_MOMENTUM_BETA,),
 ))
 register_solver(Solver(
     "nag", RESIDUAL, NesterovResidual, "NagMHA",
     "Nesterov momentum: the attention is evaluated at the lookahead point y = x + beta_l m instead of at x (queries, "
-    "keys and values from y, or with nag_lookahead=\"query\" only the queries), then the momentum update.",
+    "keys and values from y, or with nag_lookahead=\"query\" only the queries), then the momentum update. With every "
+    "beta_l = 0 it computes GPT-2.",
+    update_rule="y = x + beta_l * m;  g = A(LN1(y));  m = beta_l * m + g;  x' = x + m",
     fields=(*_MOMENTUM_FIELDS, SolverField(
         "nag_lookahead", "qkv", check_choice("nag_lookahead", NAG_LOOKAHEAD_MODES),
         "`qkv`: q, k and v from the lookahead point; `query`: only q (k and v from x).")),
@@ -646,7 +651,8 @@ register_solver(Solver(
 register_solver(Solver(
     "dense", RESIDUAL, DenseResidual, "DenseFormer-style control",
     "Control for momentum: each layer adds its attention output plus a learned weighted sum of all earlier attention "
-    "outputs (explicit connectivity, no momentum dynamics).",
+    "outputs (explicit connectivity, no momentum dynamics). With every weight 0 it computes GPT-2.",
+    update_rule="g_l = A(LN1(x));  x' = x + g_l + sum_{j<l} alpha_{l,j} g_j",
     fields=(SolverField("dense_init", 0.0, check_finite("dense_init"),
                         "Initial weight of every earlier attention output (0: exactly GPT-2).", gpt2_value=0.0),),
     parameters=(SolverParameter("dense_weights", "dense_init", _previous_dense_layers,
@@ -655,17 +661,22 @@ register_solver(Solver(
 register_solver(Solver(
     "newton", HEAD, NewtonHeads, "MHA2nd1st",
     "A Newton step with the first-order inverse Hessian: per head o = mu + lambda_h Sigma mu, Sigma the "
-    "attention-weighted covariance of the values, the step soft-bounded relative to mu.",
+    "attention-weighted covariance of the values, the step soft-bounded relative to mu. With every lambda_h = 0 it "
+    "computes GPT-2.",
+    update_rule="per head: o = mu + lambda_h * Sigma mu;  x' = x + c_proj(o)",
     fields=_NEWTON_FIELDS, parameters=(_NEWTON_LAMBDA,), energies=("softmax",),
 ))
 register_solver(Solver(
     "newton_light", HEAD, LightNewtonHeads, "LightMHA2nd1st",
-    "Newton with a diagonal covariance: per head o = mu + lambda_h (E_p[v*v] - mu*mu) * mu, one extra attention pass.",
+    "Newton with a diagonal covariance: per head o = mu + lambda_h (E_p[v*v] - mu*mu) * mu, one extra attention pass. "
+    "With every lambda_h = 0 it computes GPT-2.",
+    update_rule="per head: o = mu + lambda_h * (E_p[v*v] - mu*mu) * mu;  x' = x + c_proj(o)",
     fields=_NEWTON_FIELDS, parameters=(_NEWTON_LAMBDA,), energies=("softmax",),
 ))
 register_solver(Solver(
     "softmax", HEAD, SoftmaxHeads, "MHA",
     "Softmax attention: the free energy -T log sum_i exp(-||z - v_i||^2 / 2T) of elastic local energies.",
+    update_rule="per head: o = sum_i softmax_i(q . k_i / sqrt(d)) v_i",
 ), registry=ATTENTION_ENERGIES)
 
 
@@ -689,6 +700,62 @@ def head_rule_for(config, layer_idx: int) -> nn.Module:
 def solver_parameter_names() -> set[str]:
     """State-dict leaf names of every registered rule's parameters (e.g. `momentum_beta`, `newton_lambda`)."""
     return {parameter.name for rule in registered_rules() for parameter in rule.parameters}
+
+
+# Submodules that own every rule tensor (and, in wave-1 checkpoints, `attn.solver`).
+RULE_MODULE_NAMES = ("residual_rule", "head_rule", "solver")
+ENERGY_AXIS_FIELDS = ("attention_solver", "attention_energy", "local_energy", "learn_solver_params", "num_loops")
+
+
+def is_rule_tensor(key: str) -> bool:
+    """Whether a state-dict key belongs to a solver rule rather than to GPT-2's own weights."""
+    return any(f".{name}." in key for name in RULE_MODULE_NAMES)
+
+
+def energy_axis_config_fields() -> tuple[str, ...]:
+    """The config fields EnergyGPT adds to GPT-2's: the energy axis and every registered solver's own fields."""
+    return (*ENERGY_AXIS_FIELDS, *solver_config_fields())
+
+
+def schedule_rules(config) -> list[Solver]:
+    """Every rule a config uses: its layers' residual and head rules, plus its energy's and local energy's."""
+    rules = []
+    for residual, head in (parse_solver(name) for name in layer_solver_names(config)):
+        rules += [residual] + ([head] if head is not None else [])
+    local = LOCAL_ENERGIES.get(getattr(config, "local_energy", "elastic"))
+    rules += [ATTENTION_ENERGIES[getattr(config, "attention_energy", "softmax")]] + ([local] if local else [])
+    return list(dict.fromkeys(rules))
+
+
+def function_preserving_settings(config) -> dict[str, Any]:
+    """The field values at which the config's solvers compute GPT-2 (e.g. `momentum_beta=0`, `newton_lambda=0`)."""
+    return {solver_field.name: solver_field.gpt2_value for rule in schedule_rules(config) for solver_field in rule.fields
+            if solver_field.gpt2_value is not NO_PRESERVING_VALUE}
+
+
+def gpt2_equivalence_problems(config, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Why a model with this config and these weights does not compute exactly GPT-2 (empty: it does)."""
+    problems = []
+    if config.attention_energy != "softmax" or config.local_energy != "elastic" or config.num_loops != 1:
+        problems.append(
+            f"attention_energy={config.attention_energy!r}, local_energy={config.local_energy!r}, "
+            f"num_loops={config.num_loops} (GPT-2 is softmax, elastic, one loop)"
+        )
+    parameters = {parameter.name: parameter for rule in schedule_rules(config) for parameter in rule.parameters}
+    init_fields = {parameter.init_field for parameter in parameters.values()}
+    for name, value in function_preserving_settings(config).items():
+        if name not in init_fields and getattr(config, name) != value:
+            problems.append(f"{name}={getattr(config, name)!r} (GPT-2 needs {value!r})")
+    for key, tensor in state_dict.items():
+        if not is_rule_tensor(key):
+            continue
+        parameter = parameters.get(key.rsplit(".", 1)[-1])
+        if parameter is None:
+            problems.append(f"{key} (a solver tensor GPT-2 has no place for)")
+        elif bool(tensor.float().ne(function_preserving_settings(config).get(parameter.init_field, 0.0)).any()):
+            problems.append(f"{key} = {tensor.float().flatten()[:4].tolist()} (GPT-2 needs "
+                            f"{function_preserving_settings(config).get(parameter.init_field)})")
+    return problems
 
 
 class record_solver_statistics:
@@ -731,6 +798,12 @@ def solver_report(model: nn.Module) -> dict[str, Any]:
 
 __all__ = [
     "ATTENTION_ENERGIES",
+    "RULE_MODULE_NAMES",
+    "energy_axis_config_fields",
+    "function_preserving_settings",
+    "gpt2_equivalence_problems",
+    "is_rule_tensor",
+    "schedule_rules",
     "ATTENTION_SOLVERS",
     "LOCAL_ENERGIES",
     "NAG_LOOKAHEAD_MODES",

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from energy_gpt.modeling.solvers_energy_gpt import function_preserving_settings
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel
@@ -143,7 +144,9 @@ def assert_nothing_left(parent: Path, allowed: set[str]) -> None:
 def test_every_solver_and_layout_computes_gpt2(solver, layout, checkpoints, gpt2_model, gpt2_greedy):
     model = gpt2_to_energy_gpt(checkpoints[layout], attention_solver=solver)
     assert model.config.attention_solver == solver
-    assert model.config.momentum_beta == 0.0 and model.config.newton_lambda == 0.0  # function preserving
+    preserving = function_preserving_settings(model.config)  # the solvers' own GPT-2 values, e.g. beta = lambda = 0
+    assert all(getattr(model.config, name) == value for name, value in preserving.items())
+    assert bool(preserving) == (solver != "gd")
     assert model.dtype == torch.float32
     assert_same_logits(model, gpt2_model)
     if layout == "hub_bin":  # greedy decoding (KV cache path) once per solver: the weights are the same per layout
@@ -166,7 +169,7 @@ def test_in_memory_model_and_solver_overrides(gpt2_model):
     model = gpt2_to_energy_gpt(gpt2_model, attention_solver="nag", momentum_beta=0.25, nag_lookahead="query",
                                learn_solver_params=False)
     assert model.config.nag_lookahead == "query" and not model.config.learn_solver_params
-    betas = [block.attn.solver.momentum_beta for block in model.transformer.h[1:]]  # layer 0 has no beta
+    betas = [block.residual_rule.momentum_beta for block in model.transformer.h[1:]]  # layer 0 has no beta
     assert all(not isinstance(beta, torch.nn.Parameter) and beta.item() == 0.25 for beta in betas)
     input_ids, _ = input_batch()
     with torch.no_grad():  # beta != 0 is no longer GPT-2: the override really reached the layers
@@ -281,7 +284,7 @@ def test_cli_solver_flags_reach_the_config(checkpoints, tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["newton_lambda"], config["learn_solver_params"], config["dtype"]) == (0.05, False, "bfloat16")
     weights = load_file(tmp_path / "out" / "model.safetensors")
-    assert weights["transformer.h.0.attn.solver.newton_lambda"].float().tolist() == pytest.approx([0.05] * 4, rel=1e-2)
+    assert weights["transformer.h.0.attn.head_rule.newton_lambda"].float().tolist() == pytest.approx([0.05] * 4, rel=1e-2)
     with pytest.raises(SystemExit):  # argparse: forward-only flags make no sense with --to_gpt2
         cli.main(["convert", "--to_gpt2", "--model_name_or_path", str(tmp_path / "out"), "--output_dir",
                   str(tmp_path / "back"), "--attention_solver", "gd"])
@@ -371,13 +374,15 @@ def test_reverse_classifier(tmp_path):
 
 
 @pytest.mark.parametrize(("solver", "setting", "explained"), [
-    ("momentum", {"momentum_beta": 0.3}, "momentum_beta != 0 in 2 of 2 .* momentum state across layers"),
-    ("nag", {"momentum_beta": 0.1}, "momentum_beta != 0"),
-    ("newton", {"newton_lambda": 0.2}, "newton_lambda != 0 .* second-order"),
+    ("momentum", {"momentum_beta": 0.3}, r"h\.1\.residual_rule\.momentum_beta = .*h\.2\.residual_rule\.momentum_beta"),
+    ("nag", {"momentum_beta": 0.1}, "momentum_beta = "),
+    ("newton", {"newton_lambda": 0.2}, r"h\.0\.attn\.head_rule\.newton_lambda = \[0\.2"),
+    ("momentum", {"momentum_velocity_norm": True}, "momentum_velocity_norm=True"),
+    ("dense", {"dense_init": 0.1}, "dense_weights = "),
 ])
 def test_reverse_refuses_solvers_that_do_not_reduce(solver, setting, explained, gpt2_model, tmp_path):
     energy_dir = convert_gpt2_checkpoint(gpt2_model, tmp_path / "energy", attention_solver=solver, **setting)
-    with pytest.raises(ConversionError, match=f"(?s){explained}.*Only `gd` models"):
+    with pytest.raises(ConversionError, match=f"(?s){explained}.*Only models at their solvers' function-preserving"):
         convert_energy_gpt_checkpoint_to_gpt2(energy_dir, tmp_path / "gpt2")
     assert_nothing_left(tmp_path, {"energy"})
 
@@ -386,9 +391,10 @@ def test_reverse_sees_learned_values_not_the_config(gpt2_model, tmp_path):
     """A model converted with beta = 0 and then trained has non-zero betas in its weights: refused."""
     model = gpt2_to_energy_gpt(gpt2_model, attention_solver="momentum")
     with torch.no_grad():
-        model.transformer.h[1].attn.solver.momentum_beta.fill_(0.01)  # as if training moved it
-    with pytest.raises(ConversionError, match="1 of 2"):
+        model.transformer.h[1].residual_rule.momentum_beta.fill_(0.01)  # as if training moved it
+    with pytest.raises(ConversionError, match="h.1.residual_rule.momentum_beta") as error:
         energy_gpt_to_gpt2(model)
+    assert "h.2." not in str(error.value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
