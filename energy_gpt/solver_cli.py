@@ -69,8 +69,8 @@ def solver_arguments_dataclass() -> type:
         parsed = {}
         for name in solver_field_names():
             value = getattr(self, name)
-            if value is not None:
-                parsed[name] = _flag_spec(name)[0](value)
+            if value is not None:  # strings from the command line; typed values from Python pass through
+                parsed[name] = _flag_spec(name)[0](value) if isinstance(value, str) else value
         return parsed
 
     fields = [

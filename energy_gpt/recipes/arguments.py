@@ -4,9 +4,8 @@
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..modeling.configuration_energy_gpt import NAG_LOOKAHEAD_MODES
-from ..modeling.solvers_energy_gpt import ATTENTION_SOLVERS
 from ..peft_utils import LORA_TARGET_MODULES
+from ..solver_cli import solver_arguments_dataclass
 
 # EnergyGPT's attention (`c_attn`, `c_proj`) and MLP output (`c_proj`) are plain `nn.Linear`s: the usual GPT-2 LoRA
 # targets, and PEFT's default for `energy_gpt`. The sequence-classification head `score` is trained in full (PEFT
@@ -14,8 +13,13 @@ from ..peft_utils import LORA_TARGET_MODULES
 DEFAULT_LORA_TARGET_MODULES = ",".join(LORA_TARGET_MODULES)
 
 
+# `--attention_solver`, `--attention_energy`, ... and one flag per registered solver field (`--momentum_beta`,
+# `--newton_lambda`, ...), generated from the solver registry: unset means "keep the value of the config / checkpoint".
+SolverArguments = solver_arguments_dataclass()
+
+
 @dataclass
-class ModelArguments:
+class ModelArguments(SolverArguments):
     """Which model, config and tokenizer to train (a checkpoint, or a fresh model), its solver, and LoRA options."""
 
     model_name_or_path: str | None = field(
@@ -53,24 +57,6 @@ class ModelArguments:
         metadata={"help": "Load the model in this dtype.", "choices": ["auto", "bfloat16", "float16", "float32"]},
     )
 
-    # Solver fields: unset means "keep the value of the config / checkpoint".
-    attention_solver: str | None = field(
-        default=None, metadata={"help": "Attention solver.", "choices": sorted(ATTENTION_SOLVERS)}
-    )
-    momentum_beta: float | None = field(
-        default=None, metadata={"help": "Initial beta in [0, 1) of every layer for the momentum and nag solvers."}
-    )
-    newton_lambda: float | None = field(
-        default=None, metadata={"help": "Initial lambda of every head for the newton and newton_light solvers."}
-    )
-    learn_solver_params: bool | None = field(
-        default=None, metadata={"help": "Train beta / lambda (true) or keep them fixed (false)."}
-    )
-    nag_lookahead: str | None = field(
-        default=None,
-        metadata={"help": "nag: where q, k, v are taken at the lookahead point.", "choices": list(NAG_LOOKAHEAD_MODES)},
-    )
-
     # LoRA (PEFT).
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -98,8 +84,6 @@ class ModelArguments:
                 "--config_overrides can't be used with --model_name_or_path (the checkpoint fixes the shapes); use the "
                 "solver flags (--attention_solver, --momentum_beta, ...) to change the solver of a checkpoint."
             )
-        if self.momentum_beta is not None and not 0.0 <= self.momentum_beta < 1.0:
-            raise ValueError(f"--momentum_beta must be in [0, 1), got {self.momentum_beta}.")
         if self.lora_r <= 0:
             raise ValueError(f"--lora_r must be a positive integer, got {self.lora_r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -112,8 +96,7 @@ class ModelArguments:
 
     def solver_overrides(self) -> dict[str, Any]:
         """The solver fields given on the command line (config fields of the same names)."""
-        names = ("attention_solver", "momentum_beta", "newton_lambda", "learn_solver_params", "nag_lookahead")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        return self.overrides()
 
     def lora_target_list(self) -> list[str] | str:
         if self.lora_target_modules.strip() == "all-linear":
