@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedModel
+from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedModel
 from transformers.utils import logging
 
 from ..io_utils import atomic_directory, atomic_write_text
@@ -550,10 +550,27 @@ def convert_gpt2_checkpoint(
         model_name_or_path, output_dir, attention_solver=attention_solver, task=task, num_labels=num_labels,
         revision=revision, dtype=dtype, overwrite=overwrite, **config_overrides,
     )
+    # GPT-2 has no pad token, yet batched pipelines, run_glue.py and the classifier's pooling need one: the checkpoint
+    # pads with eos, as is usual for GPT-2 (padded positions are masked), unless the source or the caller set one.
+    if source.config.get("pad_token_id") is None and source.config.get("eos_token_id") is not None:
+        config_overrides = {"pad_token_id": source.config["eos_token_id"], **config_overrides}
     # Convert before touching the disk: every input error (corrupt weights included) leaves no trace.
     model = gpt2_to_energy_gpt(source, attention_solver, task, num_labels, revision, dtype, **config_overrides)
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
-        return _write_checkpoint(model, source, output_dir, staging, command)
+        _write_checkpoint(model, source, output_dir, staging, command)
+        _save_tokenizer_with_pad_token(source, staging)
+        return Path(output_dir)
+
+
+def _save_tokenizer_with_pad_token(source: SourceCheckpoint, staging: Path) -> None:
+    """Re-save the copied source tokenizer with eos as its pad token when it has none (nothing to do otherwise)."""
+    if source.directory is None or not (source.directory / "tokenizer_config.json").is_file():
+        return
+    # The source is a GPT-2 folder: AutoTokenizer reads only its own config, no remote code.
+    tokenizer = AutoTokenizer.from_pretrained(source.directory)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.save_pretrained(staging)
 
 
 def convert_energy_gpt_checkpoint_to_gpt2(

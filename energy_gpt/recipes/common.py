@@ -168,6 +168,9 @@ def build_model(
     # Only grow the embeddings when the tokenizer needs it (a tiny test vocabulary stays tiny otherwise).
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generation_config.pad_token_id = config.pad_token_id  # padded generation without a warning
     return model
 
 

@@ -178,7 +178,8 @@ def run(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
 
     raw_datasets = load_raw_datasets(data_args, model_args)
     tokenizer = build_tokenizer(model_args)
-    config = build_config(model_args)
+    # Saved with the model: batched pipelines and padded generation find the pad token (eos for GPT-2 tokenizers).
+    config = build_config(model_args, pad_token_id=tokenizer.pad_token_id)
     model = build_model(EnergyGPTForCausalLM, model_args, config, tokenizer)
     model = wrap_with_lora(model, model_args, task_type="CAUSAL_LM")
 
