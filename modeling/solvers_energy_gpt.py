@@ -193,11 +193,20 @@ def has_incoming_state(config, layer_idx: int) -> bool:
     return kind is not None and kind in earlier
 
 
-def add_solver_parameters(module: nn.Module, solver: Solver, config, layer_idx: int) -> None:
-    """Create the solver's parameters on `module`: trained parameters, or fixed (saved) buffers under the same
-    state-dict names when `learn_solver_params=False`. Values are set by the model's `_init_weights`."""
+def declared_parameters(rule_class: type[nn.Module]) -> tuple[SolverParameter, ...]:
+    """The parameters declared for a rule class (by the registered solver whose rule it is, or a parent's)."""
+    for cls in rule_class.__mro__:
+        for rule in registered_rules():
+            if rule.rule is cls and rule.parameters:
+                return rule.parameters
+    return ()
+
+
+def add_solver_parameters(module: nn.Module, config, layer_idx: int) -> None:
+    """Create the parameters declared for this rule on `module`: trained parameters, or fixed (saved) buffers under the
+    same state-dict names when `learn_solver_params=False`. Values are set by the model's `_init_weights`."""
     module.solver_parameters = []
-    for parameter in solver.parameters:
+    for parameter in declared_parameters(type(module)):
         shape = parameter.shape(config, layer_idx)
         if shape is None:
             continue
@@ -299,7 +308,7 @@ class MomentumResidual(nn.Module):
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        add_solver_parameters(self, ATTENTION_SOLVERS["momentum"], config, layer_idx)
+        add_solver_parameters(self, config, layer_idx)
         self.ema = config.momentum_form == "ema"
         self.velocity_norm = (
             nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon) if config.momentum_velocity_norm else None
@@ -345,7 +354,7 @@ class DenseResidual(nn.Module):
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        add_solver_parameters(self, ATTENTION_SOLVERS["dense"], config, layer_idx)
+        add_solver_parameters(self, config, layer_idx)
 
     def forward(self, hidden_states, history, attn_output=None):
         if attn_output is None:
@@ -482,7 +491,7 @@ class NewtonHeads(nn.Module):
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        add_solver_parameters(self, ATTENTION_SOLVERS["newton"], config, layer_idx)
+        add_solver_parameters(self, config, layer_idx)
         self.step_bound = config.newton_step_bound
         self.record_statistics = False  # set by `record_solver_statistics`; off so compiled graphs have no side effects
         self.statistics: dict[str, torch.Tensor] = {}
@@ -807,8 +816,15 @@ __all__ = [
     "ATTENTION_SOLVERS",
     "LOCAL_ENERGIES",
     "NAG_LOOKAHEAD_MODES",
+    "HEAD",
+    "RESIDUAL",
     "Solver",
     "SolverField",
+    "add_solver_parameters",
+    "check_bool",
+    "check_choice",
+    "check_finite",
+    "check_number_in",
     "SolverParameter",
     "attention_probabilities",
     "layer_solver_names",

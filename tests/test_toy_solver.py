@@ -1,0 +1,141 @@
+"""A solver declares itself once (issue 11): a toy solver, written here and nowhere else, gets config validation,
+flags, save / load, remote code, GPT-2 conversion both ways, the model card and `solver_report` without touching any
+other file of the project.
+
+The toy's source is exactly what a contributor would append to `modeling/solvers_energy_gpt.py`: one rule class and one
+`register_solver(...)` line. In this process it is executed in that module's namespace (as if appended); for the
+remote-code check it is appended to the checkpoint's copy of the file, which is what `save_pretrained` would have copied
+had the contributor edited the repository.
+"""
+
+import torch
+import pytest
+from conftest import run_without_energy_gpt, tiny_config, tiny_gpt2_config
+from transformers import GPT2LMHeadModel
+
+import energy_gpt.modeling.solvers_energy_gpt as solvers
+from energy_gpt import EnergyGPTConfig, EnergyGPTForCausalLM
+
+TOY_SOURCE = '''
+
+class ScaledResidual(nn.Module):
+    """`toy`: x' = x + gamma_l * A(LN1(x)); gamma = 1 is GPT-2."""
+
+    state_kind = None
+    queries_only_lookahead = False
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        add_solver_parameters(self, config, layer_idx)
+
+    def forward(self, hidden_states, state, attn_output=None):
+        if attn_output is None:
+            return hidden_states
+        return hidden_states + self.toy_gamma * attn_output, state
+
+
+register_solver(Solver(
+    "toy", RESIDUAL, ScaledResidual, "ToyMHA", "A learned per-layer step size on the attention output.",
+    update_rule="x' = x + gamma_l * A(LN1(x))",
+    fields=(SolverField("toy_gamma_init", 1.0, check_number_in("toy_gamma_init", 0.0, 10.0),
+                        "Initial step size gamma of every layer.", gpt2_value=1.0),),
+    parameters=(SolverParameter("toy_gamma", "toy_gamma_init", lambda config, layer_idx: (), "gamma_l"),),
+))
+'''
+
+
+@pytest.fixture
+def toy_solver():
+    namespace = vars(solvers)
+    exec(compile(TOY_SOURCE, solvers.__file__, "exec"), namespace)  # as if appended to the solvers file
+    yield solvers.ATTENTION_SOLVERS["toy"]
+    del solvers.ATTENTION_SOLVERS["toy"]
+
+
+def toy_model(**overrides) -> EnergyGPTForCausalLM:
+    model = EnergyGPTForCausalLM(tiny_config(attention_solver="toy", initializer_range=0.2, **overrides)).eval()
+    with torch.no_grad():
+        for layer, block in enumerate(model.transformer.h):
+            block.residual_rule.toy_gamma.fill_(0.5 + 0.25 * layer)
+    return model
+
+
+def test_config_fields_and_validation(toy_solver):
+    config = tiny_config(attention_solver="toy")
+    assert config.toy_gamma_init == 1.0  # the declared default
+    with pytest.raises(ValueError, match=r"`toy_gamma_init` must be a float in \[0, 10\], got -1"):
+        tiny_config(attention_solver="toy", toy_gamma_init=-1)
+    assert tiny_config(attention_solver=["gd", "toy", "toy"]).attention_solver == ["gd", "toy", "toy"]
+    with pytest.raises(ValueError, match="toy"):  # the error lists the registered solvers, the toy included
+        tiny_config(attention_solver="adam")
+
+    from energy_gpt.conversion.convert import build_parser
+
+    args = build_parser().parse_args(["--model_name_or_path", "x", "--output_dir", "y", "--toy_gamma_init", "0.5"])
+    assert args.toy_gamma_init == 0.5  # the convert command has a flag for the new field
+
+
+def test_save_load_and_report(toy_solver, tmp_path):
+    model = toy_model()
+    model.save_pretrained(tmp_path)
+    reloaded = EnergyGPTForCausalLM.from_pretrained(tmp_path).eval()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+    assert solvers.solver_report(reloaded)["parameters"]["toy_gamma"] == [0.5, 0.75, 1.0]
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    # Gamma matters: at gamma = 1 the model is another function.
+    with torch.no_grad():
+        for block in reloaded.transformer.h:
+            block.residual_rule.toy_gamma.fill_(1.0)
+        assert (reloaded(ids).logits - model(ids).logits).abs().max() > 1e-3
+
+
+REMOTE_CHECK = """
+import torch
+from transformers import AutoModelForCausalLM
+
+expected = torch.load("expected.pt")
+model = AutoModelForCausalLM.from_pretrained("checkpoint", trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules")
+with torch.no_grad():
+    assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+print("toy", model.config.attention_solver, model.config.toy_gamma_init)
+"""
+
+
+def test_remote_code_with_the_solver_in_the_shipped_file(toy_solver, tmp_path):
+    model = toy_model(toy_gamma_init=0.5)
+    model.save_pretrained(tmp_path / "checkpoint")
+    shipped = tmp_path / "checkpoint" / "solvers_energy_gpt.py"
+    shipped.write_text(shipped.read_text() + TOY_SOURCE)  # the contributor's one-file change, as it would ship
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "expected.pt")
+    result = run_without_energy_gpt(REMOTE_CHECK, cwd=tmp_path, env_extra={"HF_HOME": str(tmp_path / "hf-home")})
+    assert "toy toy 0.5" in result.stdout
+
+
+def test_conversion_both_ways_and_card(toy_solver, tmp_path):
+    from energy_gpt.conversion import convert_gpt2_checkpoint, energy_gpt_to_gpt2, gpt2_to_energy_gpt
+    from energy_gpt.conversion.gpt2 import ConversionError
+    from energy_gpt.model_card import render_model_card
+
+    gpt2 = GPT2LMHeadModel(tiny_gpt2_config()).eval()
+    converted = gpt2_to_energy_gpt(gpt2, attention_solver="toy")
+    assert converted.config.toy_gamma_init == 1.0  # the declared function-preserving value
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, gpt2(ids).logits)
+        back = energy_gpt_to_gpt2(converted)
+        assert torch.equal(back(ids).logits, gpt2(ids).logits)
+        converted.transformer.h[2].residual_rule.toy_gamma.fill_(0.9)  # as if trained
+    with pytest.raises(ConversionError, match=r"h\.2\.residual_rule\.toy_gamma"):
+        energy_gpt_to_gpt2(converted)
+
+    folder = convert_gpt2_checkpoint(gpt2, tmp_path / "toy", attention_solver="toy", toy_gamma_init=0.5)
+    card = render_model_card(folder)
+    assert "**`toy`** (ToyMHA): A learned per-layer step size" in card
+    assert "x' = x + gamma_l * A(LN1(x))" in card and "`toy_gamma_init`" in card
+    assert "Solver parameter `toy_gamma`" in card and "| 2 | 0.5 |" in card
