@@ -191,6 +191,13 @@ class EnergyGPTBlock(GradientCheckpointingLayer):
         return hidden_states, velocity, attn_weights
 
 
+# Where EnergyGPT 0.1 checkpoints keep the solver scalars -> where they live now.
+_LEGACY_SOLVER_KEYS = {
+    r"\.attn\.solver\.momentum_beta": ".residual_rule.momentum_beta",
+    r"\.attn\.solver\.newton_lambda": ".attn.head_rule.newton_lambda",
+}
+
+
 class EnergyGPTPreTrainedModel(PreTrainedModel):
     config: EnergyGPTConfig
     config_class = EnergyGPTConfig
@@ -213,6 +220,18 @@ class EnergyGPTPreTrainedModel(PreTrainedModel):
         # Overrides passed to from_pretrained / from_config land on the config after its own checks: check again.
         config._validate_config()
         super().__init__(config, *inputs, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, which also loads checkpoints saved by EnergyGPT 0.1, whose solver scalars
+        sat under `attn.solver.` (renamed with transformers' `key_mapping` instead of silently re-initialised)."""
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if "key_mapping" not in kwargs and any(".attn.solver." in key for key in loading_info["unexpected_keys"]):
+            model, loading_info = super().from_pretrained(
+                *args, output_loading_info=True, key_mapping=_LEGACY_SOLVER_KEYS, **kwargs
+            )
+        return (model, loading_info) if wants_loading_info else model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -427,3 +427,27 @@ def test_newton_chunked_backward_matches_autograd(padded):
     for name, gradient in gradients["eager"].items():
         torch.testing.assert_close(gradients["sdpa"][name], gradient, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert any(name.endswith("newton_lambda") and g.abs().sum() > 0 for name, g in gradients["sdpa"].items())
+
+
+@pytest.mark.parametrize("solver", ["momentum", "newton"])
+def test_checkpoints_of_version_0_1_load_their_solver_scalars(solver, tmp_path):
+    """EnergyGPT 0.1 stored beta / lambda under `attn.solver.`; loading one must not silently re-initialise them."""
+    from safetensors.torch import load_file, save_file
+
+    model = EnergyGPTForCausalLM(tiny_config(attention_solver=solver, initializer_range=0.2)).eval()
+    with torch.no_grad():
+        for layer, block in enumerate(model.transformer.h):
+            for rule in (block.residual_rule, block.attn.head_rule):
+                for parameter in rule.parameters(recurse=False):
+                    parameter.fill_(0.1 + 0.2 * layer)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    legacy = {key.replace("residual_rule.", "attn.solver.").replace("attn.head_rule.", "attn.solver."): value
+              for key, value in weights.items()}
+    assert any(".attn.solver." in key for key in legacy)
+    save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+    reloaded, info = EnergyGPTForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
