@@ -61,6 +61,17 @@ def _with_cache(output_class, cache: Cache | None, **fields):
     return output_class(**fields, **{_CACHE_OUTPUT_FIELD: cache})
 
 
+def _loop_cache(cache: Cache, loop: int) -> Cache:
+    """Looped depth keeps one KV cache per loop: loop 0 in the model's cache (what `generate` sized for `n_layer`
+    layers), later loops in extra `DynamicCache`s carried on it, so every release's cache classes work unchanged."""
+    if loop == 0:
+        return cache
+    extra = cache.__dict__.setdefault("energy_gpt_loop_caches", {})
+    if loop not in extra:
+        extra[loop] = DynamicCache()
+    return extra[loop]
+
+
 def eager_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """GPT-2's eager attention (same operations, so `gd` stays bit-exact with `GPT2LMHeadModel`)."""
     if scaling is None:
@@ -118,7 +129,8 @@ class EnergyGPTAttention(nn.Module):
         cache_index = self.layer_idx if cache_index is None else cache_index
 
         if cache is not None and self.head_rule.uses_kv_cache:
-            key, value = cache.update(key, value, cache_index)
+            loop, layer = divmod(cache_index, self.config.n_layer)
+            key, value = _loop_cache(cache, loop).update(key, value, layer)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
