@@ -54,13 +54,14 @@ MAX_HEAD_DIM = 256
 
 
 def fused_kernels_available(tensor: torch.Tensor) -> bool:
-    """True when the Triton kernels can run on `tensor`: Triton imports and the tensor is on a GPU, or the kernels
-    were built by Triton's interpreter (TRITON_INTERPRET=1 when this module was imported) and the tensor is on CPU."""
+    """True when the Triton kernels can run on `tensor`: Triton imports and the tensor is on a GPU, or the tensor is on
+    CPU and Triton's interpreter is on (TRITON_INTERPRET=1 both when this module was imported, which decides how the
+    kernels are built, and now, which the interpreter needs at launch)."""
     if triton is None:
         return False
     if tensor.device.type == "cuda":
         return True
-    return KERNELS_INTERPRETED and tensor.device.type == "cpu"
+    return tensor.device.type == "cpu" and KERNELS_INTERPRETED and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -556,7 +557,7 @@ class _LightSecondMoment(torch.autograd.Function):
 def _require_kernels(query: torch.Tensor, head_dim: int) -> None:
     if not fused_kernels_available(query):
         raise RuntimeError(
-            f"The fused Newton kernels need Triton and a CUDA tensor (or TRITON_INTERPRET=1 at import for CPU tensors); "
+            f"The fused Newton kernels need Triton and a CUDA tensor (or, for CPU tensors, TRITON_INTERPRET=1 at import and at the call); "
             f"got a {query.device.type} tensor with Triton {'installed' if triton else 'not installed'}. Check "
             "`fused_kernels_available(tensor)` first, or use the PyTorch path (`..._reference`)."
         )
