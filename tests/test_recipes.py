@@ -33,8 +33,8 @@ def shakespeare_files(tmp_path_factory) -> tuple[Path, Path]:
     return folder / "train.txt", folder / "valid.txt"
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer_dir(tmp_path_factory, shakespeare_files) -> Path:
+def train_bpe_tokenizer(text: str, folder: Path) -> Path:
+    """A byte-level BPE tokenizer of TINY_VOCAB tokens trained on `text`, saved GPT-2 style (eos, no pad token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -45,13 +45,48 @@ def tiny_tokenizer_dir(tmp_path_factory, shakespeare_files) -> Path:
         vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator([shakespeare_files[0].read_text()], trainer)
+    tokenizer.train_from_iterator([text], trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>", model_max_length=64
     )
-    out = tmp_path_factory.mktemp("tiny-tokenizer")
-    fast.save_pretrained(out)
-    return out
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer_dir(tmp_path_factory, shakespeare_files) -> Path:
+    return train_bpe_tokenizer(shakespeare_files[0].read_text(), tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+def write_local_corpus(folder: Path) -> tuple[Path, Path]:
+    """Generated text (no data needed): documents of pseudo-words, one paragraph each, separated by blank lines."""
+    import random
+
+    rng = random.Random(0)
+    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "ga", "vu", "sho", "el", "an", "or"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(300)]
+
+    def documents(count: int) -> str:
+        docs = []
+        for _ in range(count):
+            lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) + "." for _ in range(rng.randint(1, 6))]
+            docs.append("\n".join(lines))
+        return "\n\n".join(docs) + "\n"
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.txt").write_text(documents(400))
+    (folder / "valid.txt").write_text(documents(40))
+    return folder / "train.txt", folder / "valid.txt"
+
+
+@pytest.fixture(scope="module")
+def local_text_files(tmp_path_factory) -> tuple[Path, Path]:
+    return write_local_corpus(tmp_path_factory.mktemp("local-corpus"))
+
+
+@pytest.fixture(scope="module")
+def local_tokenizer_dir(tmp_path_factory, local_text_files) -> Path:
+    return train_bpe_tokenizer(local_text_files[0].read_text(), tmp_path_factory.mktemp("local-tokenizer"))
 
 
 def glue_split(tmp_path: Path, task: str, n_train: int, n_eval: int) -> tuple[Path, Path]:
@@ -189,6 +224,72 @@ def test_pretrain_resume_continues_from_the_checkpoint_step(tmp_path, tiny_token
     full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()
     for name, tensor in full_state.items():
         torch.testing.assert_close(resumed_state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_per_document_blocks_never_cross_a_document(tmp_path, local_tokenizer_dir):
+    """--pack_across_documents false: each block holds one document's tokens, in order, padded at its end (masked,
+    label -100); the default (run_clm.py) packs across documents."""
+    from datasets import Dataset, DatasetDict
+    from transformers import TrainingArguments
+
+    from energy_gpt.recipes import pretrain
+    from energy_gpt.recipes.arguments import ModelArguments
+    from energy_gpt.recipes.common import build_tokenizer
+
+    tokenizer = build_tokenizer(ModelArguments(tokenizer_name=str(local_tokenizer_dir)))
+    assert tokenizer.pad_token == tokenizer.eos_token  # GPT-2 style tokenizer: the recipe pads with eos
+    texts = ["kalo mine su" * n for n in (1, 7, 3, 12, 2)]
+    raw = DatasetDict(train=Dataset.from_dict({"text": texts}))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    block = 8
+    documents = [tokenizer(text)["input_ids"] for text in texts]
+
+    per_document = pretrain.build_lm_datasets(
+        raw, pretrain.DataTrainingArguments(train_file="x.txt", pack_across_documents=False), tokenizer, block, args
+    )["train"]
+    assert set(per_document.column_names) == {"input_ids", "attention_mask", "labels"}
+    assert len(per_document) == sum(-(-len(ids) // block) for ids in documents)  # every token kept, tails padded
+    rows = iter(per_document)
+    for ids in documents:  # each document's blocks, in order, hold exactly its tokens
+        n_blocks = -(-len(ids) // block)
+        tokens = []
+        for index in range(n_blocks):
+            row = next(rows)
+            real = sum(row["attention_mask"])
+            assert real == block or index == n_blocks - 1  # only a document's last block is short
+            assert row["attention_mask"] == [1] * real + [0] * (block - real)
+            assert row["labels"] == row["input_ids"][:real] + [-100] * (block - real)
+            assert row["input_ids"][real:] == [tokenizer.pad_token_id] * (block - real)
+            tokens += row["input_ids"][:real]
+        assert tokens == ids
+
+    packed = pretrain.build_lm_datasets(raw, pretrain.DataTrainingArguments(train_file="x.txt"), tokenizer, block,
+                                        args)["train"]
+    boundaries = set(np.cumsum([len(ids) for ids in documents])[:-1])
+    assert any(i * block < b < (i + 1) * block for i in range(len(packed)) for b in boundaries)  # blocks span docs
+    assert all(sum(row["attention_mask"]) == block for row in packed)
+
+
+def test_pretrain_saves_a_tokenizer_and_config_with_a_pad_token(tmp_path, local_tokenizer_dir, local_text_files):
+    """The saved model pads with eos (tokenizer, config, generation config): batched generation works as it is."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    from energy_gpt.recipes import pretrain
+
+    output_dir = tmp_path / "run"
+    pretrain.run(pretrain_args(local_tokenizer_dir, *local_text_files, output_dir, "--do_train", "--max_steps", "2",
+                               "--save_strategy", "no", "--pack_across_documents", "false",
+                               "--text_sample_by", "paragraph"))
+    tokenizer = AutoTokenizer.from_pretrained(output_dir, padding_side="left")
+    config = read_json(output_dir / "config.json")
+    assert tokenizer.pad_token == tokenizer.eos_token and config["pad_token_id"] == tokenizer.eos_token_id
+    assert read_json(output_dir / "generation_config.json")["pad_token_id"] == tokenizer.eos_token_id
+    assert "pad with the end-of-text token" in (output_dir / "README.md").read_text()
+    generator = pipeline("text-generation", model=AutoModelForCausalLM.from_pretrained(output_dir), tokenizer=tokenizer)
+    prompts = ["kalo", "mine su ta ri po de"]
+    alone = [generator(prompt, max_new_tokens=4, do_sample=False)[0]["generated_text"] for prompt in prompts]
+    together = [out[0]["generated_text"] for out in generator(prompts, max_new_tokens=4, do_sample=False, batch_size=2)]
+    assert together == alone
 
 
 def test_pretrain_streams_a_jsonl_file(tmp_path, tiny_tokenizer_dir, shakespeare_files):
@@ -509,19 +610,26 @@ def test_data_arguments_defaults_and_errors():
     assert set(glue.TASK_TO_KEYS) == set(glue.TASK_LABEL_NAMES) == set(glue.GLUE_TASK_METRICS)
 
 
-def test_pretrain_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, tiny_tokenizer_dir, shakespeare_files):
-    """SIGKILL a real `energy-gpt pretrain` process after a checkpoint; `--resume_from_checkpoint last` then ends on
-    the weights of a run that was never interrupted (same seed, CPU)."""
+@pytest.mark.parametrize("data_mode", [
+    [],  # map-style dataset, blocks across documents (run_clm.py)
+    pytest.param(["--streaming", "true"], marks=pytest.mark.slow),  # skips the batches already seen in the stream
+    pytest.param(["--pack_across_documents", "false", "--text_sample_by", "paragraph"], marks=pytest.mark.slow),
+], ids=["packed", "streaming", "per-document"])
+def test_pretrain_killed_mid_way_resumes_to_the_uninterrupted_result(data_mode, tmp_path, local_tokenizer_dir,
+                                                                      local_text_files):
+    """SIGKILL a real `energy-gpt pretrain` process after a checkpoint, mid-epoch; `--resume_from_checkpoint last` then
+    ends on the weights of a run that was never interrupted (same seed, CPU): the data position is restored too."""
     import signal
     import time
 
     from safetensors.torch import load_file
 
-    common = ["--do_train", "--max_steps", "40", "--save_steps", "5", "--logging_steps", "5"]
+    common = ["--do_train", "--max_steps", "40", "--save_steps", "5", "--logging_steps", "5", *data_mode]
+    train_file = local_text_files[0]
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen(
         [sys.executable, "-m", "energy_gpt", "pretrain",
-         *pretrain_args(tiny_tokenizer_dir, *shakespeare_files, killed_dir, *common)],
+         *pretrain_args(local_tokenizer_dir, train_file, None, killed_dir, *common)],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 240
@@ -538,7 +646,7 @@ def test_pretrain_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, t
     for output_dir, extra in ((killed_dir, ["--resume_from_checkpoint", "last"]), (tmp_path / "uninterrupted", [])):
         finished = subprocess.run(
             [sys.executable, "-m", "energy_gpt", "pretrain",
-             *pretrain_args(tiny_tokenizer_dir, *shakespeare_files, output_dir, *common, *extra)],
+             *pretrain_args(local_tokenizer_dir, train_file, None, output_dir, *common, *extra)],
             cwd=tmp_path, capture_output=True, text=True,
         )
         assert finished.returncode == 0, finished.stderr[-3000:]
@@ -548,6 +656,9 @@ def test_pretrain_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, t
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert read_json(killed_dir / "trainer_state.json")["global_step"] == 40
+    if "--streaming" not in data_mode:  # the kill came before the end of the first epoch: really mid-epoch
+        epoch_at_kill = read_json(killed_dir / "checkpoint-10" / "trainer_state.json")["epoch"]
+        assert 0 < epoch_at_kill < 1, epoch_at_kill
 
 
 def test_resume_last_without_a_checkpoint_is_a_clear_error(tmp_path):

@@ -5,8 +5,10 @@ transformers' `run_clm.py`.
         --tokenizer_name openai-community/gpt2 --dataset_name JeanKaddour/minipile --block_size 512 \
         --do_train --do_eval --max_steps 2000 --output_dir runs/momentum
 
-Texts are tokenized, concatenated and cut into blocks of --block_size tokens ("packing"); the evaluation reports
-the loss and its perplexity.
+Texts are tokenized, concatenated and cut into blocks of --block_size tokens ("packing", as run_clm.py); with
+--pack_across_documents false every block comes from one document (a document's last block is padded, and padding
+carries no loss). --streaming reads the data as it trains (needs --max_steps); --resume_from_checkpoint last
+continues a killed run at the same data position. The evaluation reports the loss and its perplexity.
 """
 
 import logging
@@ -70,7 +72,20 @@ class DataTrainingArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation blocks."})
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it all."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream the dataset instead of downloading it all (as run_clm.py; needs --max_steps)."},
+    )
+    pack_across_documents: bool = field(
+        default=True,
+        metadata={"help": "true (run_clm.py): concatenate all texts, then cut blocks, so a block may span documents. "
+                          "false: cut every document into its own blocks; its last block is padded (masked, no loss)."},
+    )
+    text_sample_by: str = field(
+        default="line",
+        metadata={"help": "What one document of a .txt file is: a line (the `datasets` default), a paragraph (text "
+                          "between blank lines) or the whole file.", "choices": ["line", "paragraph", "document"]},
+    )
     keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks of .txt files."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for preprocessing."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the cached preprocessed datasets."})
@@ -96,7 +111,7 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
         data_files, builder = data_files_and_builder(data_args.train_file, data_args.validation_file, TEXT_FILE_BUILDERS)
         load_kwargs = {"path": builder, "data_files": data_files}
         if builder == "text":
-            load_kwargs["keep_linebreaks"] = data_args.keep_linebreaks
+            load_kwargs.update(keep_linebreaks=data_args.keep_linebreaks, sample_by=data_args.text_sample_by)
     load_kwargs.update(cache_dir=model_args.cache_dir, token=model_args.token, streaming=data_args.streaming)
     raw_datasets = load_dataset(**load_kwargs)
     if "validation" in raw_datasets or "train" not in raw_datasets:
@@ -126,9 +141,12 @@ def resolve_block_size(data_args: DataTrainingArguments, config, tokenizer) -> i
 
 
 def build_lm_datasets(raw_datasets, data_args: DataTrainingArguments, tokenizer, block_size: int, training_args):
-    """Tokenize, concatenate and cut into blocks of `block_size` tokens (labels = input_ids; the model shifts)."""
+    """Tokenize and cut into blocks of `block_size` tokens (labels = input_ids; the model shifts): across documents
+    (concatenated first) or within each document (`--pack_across_documents false`)."""
     splits = list(raw_datasets.keys())
-    column_names = list(raw_datasets[splits[0]].features)
+    first_split = raw_datasets[splits[0]]
+    # A filtered stream (the validation carve-out) no longer knows its features: read them off the first example.
+    column_names = list(first_split.features) if first_split.features is not None else list(next(iter(first_split)))
     text_column = data_args.text_column or ("text" if "text" in column_names else column_names[0])
     if text_column not in column_names:
         raise ValueError(f"--text_column {text_column!r} is not a column of the dataset; columns: {column_names}.")
@@ -144,13 +162,30 @@ def build_lm_datasets(raw_datasets, data_args: DataTrainingArguments, tokenizer,
         result["labels"] = result["input_ids"].copy()
         return result
 
+    def split_documents(examples):
+        # Every block holds one document's tokens; the tail is padded, masked and ignored by the loss (-100).
+        result = {"input_ids": [], "attention_mask": [], "labels": []}
+        for ids in examples["input_ids"]:
+            for start in range(0, len(ids), block_size):
+                chunk = ids[start : start + block_size]
+                padding = block_size - len(chunk)
+                result["input_ids"].append(chunk + [tokenizer.pad_token_id] * padding)
+                result["attention_mask"].append([1] * len(chunk) + [0] * padding)
+                result["labels"].append(chunk + [-100] * padding)
+        return result
+
     map_kwargs = {}
     if not data_args.streaming:
         map_kwargs = {"num_proc": data_args.preprocessing_num_workers, "load_from_cache_file": not data_args.overwrite_cache}
     with training_args.main_process_first(desc="dataset map tokenization"):
         tokenized = raw_datasets.map(tokenize, batched=True, remove_columns=column_names, **map_kwargs)
-    with training_args.main_process_first(desc="grouping texts together"):
-        return tokenized.map(group_texts, batched=True, **map_kwargs)
+    if data_args.pack_across_documents:
+        with training_args.main_process_first(desc="grouping texts together"):
+            return tokenized.map(group_texts, batched=True, **map_kwargs)
+    # Rows change count: the tokenizer's columns go, the blocks replace them.
+    tokenizer_columns = list(tokenizer("x").keys())
+    with training_args.main_process_first(desc="cutting documents into blocks"):
+        return tokenized.map(split_documents, batched=True, remove_columns=tokenizer_columns, **map_kwargs)
 
 
 def preprocess_logits_for_metrics(logits, labels):
@@ -161,8 +196,10 @@ def preprocess_logits_for_metrics(logits, labels):
 
 def compute_metrics(eval_predictions):
     predictions, labels = eval_predictions
-    # The prediction at position t is for token t + 1.
-    return {"accuracy": accuracy(np.asarray(predictions)[:, :-1].reshape(-1), np.asarray(labels)[:, 1:].reshape(-1))}
+    # The prediction at position t is for token t + 1; padding (-100) is not scored.
+    predictions, labels = np.asarray(predictions)[:, :-1].reshape(-1), np.asarray(labels)[:, 1:].reshape(-1)
+    scored = labels != -100
+    return {"accuracy": accuracy(predictions[scored], labels[scored])}
 
 
 def run(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
