@@ -28,6 +28,11 @@ from transformers import PreTrainedTokenizerFast
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, SEPARATOR = "<pad>", "<bos>", "<eos>", "<unk>", "="
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
+# Seeds of the example streams that do not depend on the training seed. Strings: `random.Random` hashes them, so they
+# can never coincide with an integer training seed (a validation set equal to some seed's training set).
+VALIDATION_SEED = "lis-validation"
+BLIND_GUESS_SEED = "lis-answer-distribution"
+BLIND_GUESS_EXAMPLES = 20_000
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ def longest_increasing_subsequence_length(numbers: list[int]) -> int:
     return len(tails)
 
 
-def generate_lis_examples(task: LISTask, num_examples: int, seed: int) -> list[dict]:
+def generate_lis_examples(task: LISTask, num_examples: int, seed: int | str) -> list[dict]:
     """`num_examples` random sequences with their LIS length; the same `seed` always gives the same examples."""
     rng = random.Random(seed)  # private generator: independent of (and not disturbing) the global RNG state
     examples = []
@@ -83,6 +88,12 @@ def answer_entropy(examples: list[dict]) -> float:
     counts = Counter(example["lis_length"] for example in examples)
     total = sum(counts.values())
     return -sum(count / total * math.log(count / total) for count in counts.values())
+
+
+def blind_guess_loss(task: LISTask) -> float:
+    """The validation loss of a model that knows the answers' distribution but does not read the numbers, estimated
+    from a large sample of its own (independent of every training seed)."""
+    return answer_entropy(generate_lis_examples(task, BLIND_GUESS_EXAMPLES, seed=BLIND_GUESS_SEED))
 
 
 def example_to_text(example: dict) -> str:
@@ -112,7 +123,7 @@ def build_lis_tokenizer(task: LISTask) -> PreTrainedTokenizerFast:
 
 
 def build_lis_dataset(
-    task: LISTask, tokenizer: PreTrainedTokenizerFast, num_examples: int, seed: int
+    task: LISTask, tokenizer: PreTrainedTokenizerFast, num_examples: int, seed: int | str
 ) -> Dataset:
     """Tokenized causal-LM dataset (`input_ids`, `attention_mask`, `labels`) in which only the answer is labelled."""
     examples = generate_lis_examples(task, num_examples, seed)
@@ -136,8 +147,11 @@ def build_lis_dataset(
 
 
 __all__ = [
+    "BLIND_GUESS_SEED",
     "LISTask",
+    "VALIDATION_SEED",
     "answer_entropy",
+    "blind_guess_loss",
     "build_lis_dataset",
     "build_lis_tokenizer",
     "example_to_text",
