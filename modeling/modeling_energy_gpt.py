@@ -136,12 +136,15 @@ class EnergyGPTAttention(nn.Module):
             self.config._attn_implementation, eager_attention_forward
         )
 
+        # By keyword, with `attention` in `_skip_keys_device_placement`: accelerate's offload hook on the head rule
+        # (it owns lambda) moves its arguments to the execution device, and `.to()` on this module would try to move
+        # its offloaded (meta) weights.
         attn_output, attn_weights = self.head_rule(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
+            attention=self,
+            query=query,
+            key=key,
+            value=value,
+            attention_mask=attention_mask,
             attention_interface=attention_interface,
             cache=cache,
             cache_index=cache_index,
@@ -216,7 +219,7 @@ class EnergyGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["EnergyGPTBlock"]
-    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _skip_keys_device_placement = ["past_key_values", "cache", "attention"]
     # Softmax heads run through the standard attention interface, so every backend works for gd / momentum / nag /
     # dense; the Newton heads take mu from it too and read a tensor mask for their second pass (flex's BlockMask gets
     # a clear error from them).

@@ -385,6 +385,16 @@ def key_positions_hidden(q_len: int, kv_len: int, device: torch.device) -> torch
     return torch.arange(kv_len, device=device) > query_positions
 
 
+def keys_visible_without_mask(key, value, attention_mask, q_len: int):
+    """Keys and values a causal query can see when SDPA's mask was skipped (`None`). transformers skips it for
+    `q_len > 1` only when `kv_len == q_len` or the cache is empty (a static cache's prefill, whose later slots are
+    empty) and then relies on SDPA's upper-left `is_causal`: keys past `q_len` are invisible. Dropping them lets the
+    lower-right rule of `key_positions_hidden` read the same mask."""
+    if attention_mask is None and 1 < q_len < key.shape[2]:
+        return key[:, :, :q_len], value[:, :, :q_len]
+    return key, value
+
+
 def attention_probabilities(query, key, attention_mask, scaling: float) -> torch.Tensor:
     """Causal softmax attention weights in fp32, whatever form the mask takes: `None` (pure causal, as `sdpa` leaves
     it), boolean 4D (True = keep), additive float 4D (`eager`), or the 2D padding mask of flash attention. Queries are
@@ -498,6 +508,7 @@ class NewtonHeads(nn.Module):
 
     def forward(self, attention, query, key, value, attention_mask, attention_interface=None, dropout: float = 0.0,
                 scaling: float = 1.0, cache=None, cache_index=None, key_padding_mask=None, **kwargs):
+        key, value = keys_visible_without_mask(key, value, attention_mask, query.shape[2])
         if dropout > 0.0:
             probs = nn.functional.dropout(attention_probabilities(query, key, attention_mask, scaling), p=dropout)
             mean = torch.matmul(probs, value.float())
@@ -563,6 +574,7 @@ class LightNewtonHeads(NewtonHeads):
 
     def forward(self, attention, query, key, value, attention_mask, attention_interface=None, dropout: float = 0.0,
                 scaling: float = 1.0, cache=None, cache_index=None, key_padding_mask=None, **kwargs):
+        key, value = keys_visible_without_mask(key, value, attention_mask, query.shape[2])
         squared_values = value.float().square()
         if dropout > 0.0:
             probs = nn.functional.dropout(attention_probabilities(query, key, attention_mask, scaling), p=dropout)
