@@ -1,0 +1,682 @@
+"""The energy axis of EnergyGPT: head rules for the linear, gated linear and robust (Huber) attention energies.
+
+DESIGN.md sections 1 and 5, per head, for a query state z (projected: q) and causal anchors (untied: keys k_i, values
+v_i), i <= t:
+
+| energy | local energy | global energy F | one GD step (untied), what the head returns |
+|---|---|---|---|
+| `linear` | `e_i = -z . v_i` | `-1/2 sum_i e_i^2` | `o_t = sum_i (q_t . k_i) v_i` |
+| `gated_linear` | as `linear` | `-1/2 sum_i w_ti e_i^2`, `w_ti = prod_{j=i+1..t} g_j` | `o_t = sum_i w_ti (q_t . k_i) v_i` |
+| `huber` (local) | `rho_delta(||z - v_i||)` | `-T log sum_i exp(-E_i / T)` | `o_t = sum_i p_ti c_ti v_i` (see `HuberHeads`) |
+
+These are *the paper's variants as specified in this project's DESIGN notes* (arXiv 2511.00907; its body was not
+available), not a claim of matching the authors' numbers. Newton is undefined for the linear energies: their `F` is
+concave (`Hess F = -sum_i w_ti v_i v_i^T`), so a Newton step would climb towards the maximum (and the Hessian is
+singular while t < head_dim). See docs/energies.md for the energy x optimiser grid.
+
+Each class is a *head rule* (the interface of ARCH_V2.md): `forward(attention, query, key, value, attention_mask, *,
+cache=None, cache_index=None, key_padding_mask=None, **kwargs) -> (output (B, Tq, H, D), weights or None)`, with query /
+key / value in (B, H, T, D). The linear rules (`uses_kv_cache = False`) keep a recurrent state of fixed size per layer
+and head in the generation cache (`EnergyStateLayer`); `huber` (`uses_kv_cache = True`) reads the usual KV cache.
+
+Every class declares its config fields (`config_fields`: name, default, check, doc), its cross-field checks
+(`validate_config`) and its parameters (`parameter_names`, initialised by `init_parameters`), so the solver registry
+can plug them in without knowing their details.
+
+This file ships beside checkpoints as remote code: only `torch` / `transformers` imports at load time; the optional
+flash-linear-attention kernels (`fla`) are imported lazily, on CUDA only, and their absence (or failure) never breaks
+loading.
+"""
+
+import functools
+import math
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config fields: name, default, check, doc. The registry turns them into `EnergyGPTConfig` attributes.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class EnergyConfigField(NamedTuple):
+    """One config field of an energy head rule. `check(value)` raises a `ValueError` naming the field."""
+
+    name: str
+    default: Any
+    check: Callable[[Any], None]
+    doc: str
+
+
+def _choice_check(name: str, allowed: tuple[str, ...]) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value not in allowed:
+            raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+
+    return check
+
+
+def _positive_float_check(name: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not is_number or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+
+    return check
+
+
+LINEAR_FEATURE_MAPS = ("identity", "elu_plus_one")
+LINEAR_NORMALIZATIONS = ("none", "sum", "length")
+GATED_LINEAR_GATES = ("data", "constant")
+
+LINEAR_FEATURE_MAP = EnergyConfigField(
+    name="linear_feature_map",
+    default="elu_plus_one",
+    check=_choice_check("linear_feature_map", LINEAR_FEATURE_MAPS),
+    doc="Feature map phi on queries and keys of the linear energies: `identity` (the energy as derived) or "
+        "`elu_plus_one` (phi(x) = elu(x) + 1 > 0, Katharopoulos et al. 2020; a departure from the energy; default, "
+        "with `linear_normalization='sum'`: see docs/energies.md).",
+)
+LINEAR_NORMALIZATION = EnergyConfigField(
+    name="linear_normalization",
+    default="sum",
+    check=_choice_check("linear_normalization", LINEAR_NORMALIZATIONS),
+    doc="Normalisation of the linear energies' output: `none` (the energy as derived; grows with t), `sum` (divide "
+        "by sum_i w_ti phi(q_t).phi(k_i) + eps; needs `linear_feature_map='elu_plus_one'`) or `length` (divide by the "
+        "total weight sum_i w_ti of the tokens seen, = t for `linear`). Default `sum`: see docs/energies.md.",
+)
+GATED_LINEAR_GATE = EnergyConfigField(
+    name="gated_linear_gate",
+    default="data",
+    check=_choice_check("gated_linear_gate", GATED_LINEAR_GATES),
+    doc="Decay gate of `gated_linear`: `data` (GLA-style, g_t = sigmoid(k_t . w_h + b_h)^(1/gate_temperature) per "
+        "head, from the head's key) or `constant` (RetNet-style, a learned g_h = sigmoid(a_h) per head).",
+)
+GATED_LINEAR_GATE_TEMPERATURE = EnergyConfigField(
+    name="gated_linear_gate_temperature",
+    default=16.0,
+    check=_positive_float_check("gated_linear_gate_temperature"),
+    doc="Temperature tau of the data-dependent gate, log g_t = logsigmoid(k_t . w_h + b_h) / tau (GLA uses 16): a "
+        "larger tau keeps the gates closer to 1 (longer memory). Unused by the constant gate.",
+)
+HUBER_DELTA = EnergyConfigField(
+    name="huber_delta",
+    default=1.0,
+    check=_positive_float_check("huber_delta"),
+    doc="Threshold delta of the Huber local energy rho_delta (`local_energy='huber'`): quadratic (elastic) for "
+        "||q - k_i|| <= delta, linear beyond. delta -> infinity gives back the elastic energy.",
+)
+
+# Gated linear: the initial per-head decays are RetNet's multi-scale gammas, gamma_h = 1 - 2^(-5 - h).
+RETNET_DECAY_EXPONENT_OFFSET = 5.0
+# Chunk length of the parallel form (tokens per chunk): the intra-chunk work is O(T * chunk * D), the state updates
+# O(T / chunk * D^2) per head, so about head_dim is a good value. A pure speed knob: outputs match up to rounding.
+LINEAR_CHUNK_SIZE = 64
+# Added to the `sum` normaliser (sum_i w_ti phi(q_t).phi(k_i) > 0 with positive features) so a row without any real
+# token (left padding) gives 0 instead of 0 / 0.
+LINEAR_NORMALIZATION_EPS = 1e-6
+# Set to "1" to keep the PyTorch path on CUDA even when flash-linear-attention is installed (for comparisons).
+DISABLE_FLA_ENV = "ENERGY_GPT_DISABLE_FLA"
+
+
+def _initialise(tensor: torch.Tensor, values: torch.Tensor) -> None:
+    """Copy `values` into `tensor` unless transformers flagged it as loaded from a checkpoint (the same guard as
+    `transformers.initialization`, written out so that it works on every 5.x release)."""
+    if not getattr(tensor, "_is_hf_initialized", False):
+        with torch.no_grad():
+            tensor.copy_(values.to(device=tensor.device, dtype=tensor.dtype))
+
+
+def retnet_decays(num_heads: int) -> torch.Tensor:
+    """RetNet's per-head decays gamma_h = 1 - 2^(-5 - h), h = 0 .. num_heads - 1 (memories of ~32 .. 2^(4 + H) tokens)."""
+    exponents = RETNET_DECAY_EXPONENT_OFFSET + torch.arange(num_heads, dtype=torch.float64)
+    return 1.0 - torch.pow(2.0, -exponents)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Linear attention kernels: o_t = sum_{i<=t} (prod_{j=i+1..t} g_j) (q_t . k_i) v_i  (+ the carried-in state).
+# All tensors (B, H, T, D); `log_gate` (B, H, T) holds log g_t <= 0 (None: g = 1, plain linear attention).
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _strictly_upper(length: int, device: torch.device) -> torch.Tensor:
+    """(length, length) bool mask of the pairs i > t (key after query) inside a chunk."""
+    with torch.inference_mode(False):  # a normal tensor even if first built under inference mode
+        return torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+
+
+def chunked_linear_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_gate: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = LINEAR_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked parallel form (the PyTorch path and the reference for the kernels).
+
+    Within a chunk the (L x L) masked products `(q k^T) * decay` act on the values; across chunks the running state
+    `S = sum_i (decay to the chunk end) k_i v_i^T` (B, H, Dk, Dv) carries the past: `o_t += exp(b_t) q_t S`. Gates are
+    handled in log space: `b_t` is the cumulative sum of log g inside the chunk, and every decay is `exp(b_t - b_i)`
+    with `i <= t` (masked to -inf before the exp), so no factor exceeds 1 and nothing overflows. Memory is linear in T
+    (no T x T tensor); each chunk's intermediates are O(L^2 + L D) per head.
+
+    Returns `(output (B, H, T, Dv), final state (B, H, Dk, Dv))`.
+    """
+    batch, heads, length, key_dim = query.shape
+    state = initial_state
+    if state is None:
+        state = query.new_zeros(batch, heads, key_dim, value.shape[-1])
+    outputs = []
+    for start in range(0, length, chunk_size):
+        end = min(start + chunk_size, length)
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        future = _strictly_upper(end - start, query.device)
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        if log_gate is None:
+            output = torch.matmul(scores.masked_fill(future, 0.0), v) + torch.matmul(q, state)
+            state = state + torch.matmul(k.transpose(-1, -2), v)
+        else:
+            cumulative = log_gate[:, :, start:end].cumsum(-1)  # b_t = sum_{j <= t in chunk} log g_j
+            decay = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(future, -math.inf).exp()
+            output = torch.matmul(scores * decay, v) + torch.matmul(q * cumulative.exp()[..., None], state)
+            to_chunk_end = cumulative[..., -1:] - cumulative  # log prod_{j=i+1..L} g_j
+            state = state * cumulative[..., -1:, None].exp() + torch.matmul(
+                (k * to_chunk_end.exp()[..., None]).transpose(-1, -2), v
+            )
+        outputs.append(output)
+    return torch.cat(outputs, dim=2), state
+
+
+def recurrent_linear_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_gate: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recurrent form, one token at a time: `S_t = g_t S_{t-1} + k_t v_t^T`, `o_t = q_t S_t`. O(Dk Dv) work and memory
+    per token and head, whatever the context length: this is the generation path (Tq = 1)."""
+    batch, heads, length, key_dim = query.shape
+    state = initial_state
+    if state is None:
+        state = query.new_zeros(batch, heads, key_dim, value.shape[-1])
+    outputs = []
+    for t in range(length):
+        if log_gate is not None:
+            state = state * log_gate[:, :, t, None, None].exp()
+        state = state + key[:, :, t, :, None] * value[:, :, t, None, :]
+        outputs.append(torch.matmul(query[:, :, t, None, :], state))
+    return torch.cat(outputs, dim=2), state
+
+
+@functools.cache
+def _load_fla_kernel() -> Callable | None:
+    """flash-linear-attention's chunked kernel for scalar (per-head) gates, or None when it is not usable.
+
+    `chunk_simple_gla(q, k, v, g, scale, initial_state, output_final_state)` with (B, T, H, D) tensors and `g` (B, T, H)
+    log gates covers both energies (g = 0 for `linear`); it is what `fla.ops.linear_attn.chunk_linear_attn` calls
+    internally. (`fla.ops.gla.chunk_gla` takes per-channel gates (B, T, H, Dk) and would need the gate expanded.)
+    """
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception:  # noqa: BLE001 - an optional accelerator must never stop the model from loading or running
+        return None
+    return chunk_simple_gla
+
+
+def fla_linear_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_gate: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked form on flash-linear-attention's Triton kernels (CUDA only).
+
+    NOT TESTED in this repository's suite (no GPU there): `chunked_linear_attention` is the reference it must match,
+    and `benchmarks/energies.py` / a GPU session should compare both. Inputs as `chunked_linear_attention`.
+    """
+    kernel = _load_fla_kernel()
+    if log_gate is None:  # g = 1 (plain linear attention); zeros rather than None: older fla releases need a tensor
+        log_gate = query.new_zeros(query.shape[:3])
+    state = None if initial_state is None else initial_state.float().contiguous()
+    # fla's layout is (B, T, H, D) and (B, T, H) for the gates; queries are already scaled (scale=1).
+    output, final_state = kernel(
+        *(tensor.transpose(1, 2).contiguous() for tensor in (query, key, value, log_gate)),
+        scale=1.0, initial_state=state, output_final_state=True,
+    )
+    return output.transpose(1, 2), final_state
+
+
+def use_fla(query: torch.Tensor) -> bool:
+    """flash-linear-attention runs the chunked form when the tensors are on CUDA, `fla` imports, and the environment
+    variable `ENERGY_GPT_DISABLE_FLA` is not "1"."""
+    return query.is_cuda and os.environ.get(DISABLE_FLA_ENV) != "1" and _load_fla_kernel() is not None
+
+
+def linear_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_gate: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = LINEAR_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch: one new token -> recurrent step; otherwise the chunked form (flash-linear-attention on CUDA when
+    installed, PyTorch otherwise)."""
+    if query.shape[2] == 1:
+        return recurrent_linear_attention(query, key, value, log_gate, initial_state)
+    if use_fla(query):
+        return fla_linear_attention(query, key, value, log_gate, initial_state)
+    return chunked_linear_attention(query, key, value, log_gate, initial_state, chunk_size)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The recurrent state in the generation cache.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class EnergyStateLayer(DynamicLayer):
+    """The cache layer of a linear-energy attention layer: a recurrent state of fixed size instead of keys and values.
+
+    Mechanism (version-tolerant across transformers 5.x, no `LinearAttentionLayer` needed): `generate()` gives the
+    model a `DynamicCache` whose `layers` is a list of `DynamicLayer`. On first use, `energy_state_layer(cache, index)`
+    swaps the still-empty `DynamicLayer` at `cache.layers[index]` for this subclass. It stores its tensors in
+    `self.states` (a dict of tensors whose first dim is the batch: the (B, H, Dk, Dv) state `S` and, for
+    `linear_normalization='length'`, the (B, H, 1, 1) total weight) and counts the tokens seen, so
+    `cache.get_seq_length()` and the causal-mask sizes stay right at zero memory per token. `keys` / `values` stay
+    empty.
+
+    Because the state lives in a cache layer, the cache's own batch operations apply to it: beam search's
+    `reorder_cache`, `batch_select_indices` and `batch_repeat_interleave` (so beam search and `num_return_sequences`
+    work), `reset`, `offload` / `prefetch`. Limitations, each with a clear error: a recurrent state cannot forget tokens,
+    so `crop` (assisted / speculative decoding, prompt-lookup decoding, any cache rollback) raises; static, sliding,
+    quantized or offloaded-static caches (`cache_implementation != "dynamic"`) raise in `energy_state_layer`. A cache is
+    not saved with the model (nothing to save/load beyond the weights); the class ships as remote code with the model.
+    """
+
+    is_energy_state_layer = True  # duck-typed marker: a remote-code copy of this module defines another class object
+    is_sliding = False
+    is_croppable = False
+    is_compileable = False
+    supports_early_init = False
+
+    def __init__(self):
+        super().__init__()
+        self.states: dict[str, torch.Tensor] = {}
+        self.seen_tokens = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.keys = key_states.new_empty(0)
+        self.values = value_states.new_empty(0)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise RuntimeError(
+            "This cache layer holds a linear energy's recurrent state (`attention_energy` linear / gated_linear): it "
+            "stores no keys and values, so `cache.update` must not be called for it."
+        )
+
+    def store(self, states: dict[str, torch.Tensor], num_new_tokens: int) -> None:
+        """Keep the states after `num_new_tokens` more tokens (padding included, like the KV cache's length)."""
+        first = next(iter(states.values()))
+        if not self.is_initialized:
+            self.lazy_initialization(first, first)
+        self.states = states
+        self.seen_tokens += num_new_tokens
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def reset(self) -> None:
+        self.states = {}
+        self.seen_tokens = 0
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def _map_states(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.states = {name: function(tensor) for name, tensor in self.states.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_states(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_states(lambda tensor: tensor[indices, ...])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_states(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+
+    def offload(self) -> None:
+        self._map_states(lambda tensor: tensor.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self._map_states(lambda tensor: tensor.to(self.device, non_blocking=True))
+
+    def crop(self, max_length: int) -> None:
+        # transformers 5.x: negative = remove that many tokens; older releases also accept a positive target length.
+        if max_length == 0 or (max_length > 0 and max_length >= self.seen_tokens):
+            return
+        raise ValueError(
+            "The linear energies (`attention_energy` linear / gated_linear) keep a recurrent state, which cannot drop "
+            "tokens: cropping the cache (assisted / speculative / prompt-lookup decoding) is not supported with them."
+        )
+
+
+def energy_state_layer(cache: Any, cache_index: int) -> EnergyStateLayer:
+    """The `EnergyStateLayer` at `cache.layers[cache_index]`, swapped in for the empty `DynamicLayer` on first use."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or cache_index is None:
+        raise ValueError(
+            f"The linear energies keep their recurrent state in a `DynamicCache` at `cache_index`; got a "
+            f"{type(cache).__name__} and cache_index={cache_index!r}."
+        )
+    while len(layers) <= cache_index:  # a lazily grown DynamicCache (or more (loop, layer) slots than layers)
+        layers.append(DynamicLayer())
+    layer = layers[cache_index]
+    if getattr(layer, "is_energy_state_layer", False):
+        return layer
+    if type(layer) is not DynamicLayer or layer.get_seq_length() > 0:
+        raise ValueError(
+            f"The linear energies (`attention_energy` linear / gated_linear) keep a recurrent state and need the "
+            f"default dynamic cache (`cache_implementation='dynamic'`), got a {type(cache).__name__} whose layer "
+            f"{cache_index} is a {type(layer).__name__}"
+            f"{' that already holds keys and values' if type(layer) is DynamicLayer else ''}. Static, sliding-window, "
+            "quantized and offloaded caches are not supported."
+        )
+    layers[cache_index] = layer = EnergyStateLayer()
+    return layer
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Head rules.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _real_tokens(key_padding_mask: torch.Tensor | None, num_new: int) -> torch.Tensor | None:
+    """(B, 1, num_new) float, 1.0 for the new tokens that are real, from the (B, S_total) padding mask."""
+    if key_padding_mask is None:
+        return None
+    if key_padding_mask.shape[-1] < num_new:
+        raise ValueError(
+            f"`key_padding_mask` covers {key_padding_mask.shape[-1]} tokens, fewer than the {num_new} new ones."
+        )
+    return key_padding_mask[:, None, -num_new:].to(torch.float32)
+
+
+class LinearHeads(nn.Module):
+    """`linear` energy: causal unnormalised linear attention, `o_t = sum_{i<=t} (q_t . k_i) v_i` per head.
+
+    One GD step on `F(z) = -1/2 sum_i (z . v_i)^2` (DESIGN.md section 5), untied. Queries are scaled by the attention's
+    `scaling` (head_dim^-0.5 with GPT-2's `scale_attn_weights`), which W_Q absorbs: no departure from the energy.
+    Named departures (config fields, see docs/energies.md for the measurements behind the defaults):
+      * `linear_feature_map`: `identity` (the energy) or `elu_plus_one` (positive features phi(x) = elu(x) + 1);
+      * `linear_normalization`: `none` (the energy; the sum grows with t), `sum` (divide by
+        `sum_i w_ti phi(q_t).phi(k_i) + eps`, needs positive features) or `length` (divide by the total weight of the
+        tokens seen, `sum_i w_ti` = t here).
+    Defaults `elu_plus_one` + `sum` (the linear transformer of Katharopoulos et al. 2020): the output is a convex
+    combination of the values, like softmax attention's, so its scale does not grow with t; it trained best on the
+    embedded LIS task, where the exact energy (`identity` + `none`) trained worse with 15x larger gradient spikes.
+    `identity` + `none` gives the energy exactly.
+    Padding (`key_padding_mask`, False = pad) contributes nothing: padded keys are zeroed and not counted (and padded
+    positions do not decay the gated state). The 4D `attention_mask` is not read: causality is built in. There are no
+    attention probabilities, so the attention-dropout `dropout` kwarg does not apply, and the weights returned are None.
+
+    Training / prefill: chunked parallel form (`chunked_linear_attention`, or flash-linear-attention on CUDA), memory
+    linear in T. Generation: the recurrent state `S` (B, H, D, D) per layer in the cache (`EnergyStateLayer`), O(1)
+    work and memory per new token. Computed in fp32 (the state accumulates over the whole context); output in the input
+    dtype.
+    """
+
+    uses_kv_cache = False
+    config_fields: tuple[EnergyConfigField, ...] = (LINEAR_FEATURE_MAP, LINEAR_NORMALIZATION)
+    parameter_names: tuple[str, ...] = ()
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.feature_map = config.linear_feature_map
+        self.normalization = config.linear_normalization
+        self.chunk_size = LINEAR_CHUNK_SIZE
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        """Checks across fields (each field's own check runs through `config_fields`)."""
+        if config.linear_normalization == "sum" and config.linear_feature_map != "elu_plus_one":
+            raise ValueError(
+                "`linear_normalization='sum'` divides by sum_i phi(q).phi(k_i), which can be zero or negative without "
+                f"positive features: set `linear_feature_map='elu_plus_one'` (got {config.linear_feature_map!r}) or "
+                f"choose `linear_normalization` in {[n for n in LINEAR_NORMALIZATIONS if n != 'sum']}."
+            )
+
+    def init_parameters(self) -> None:
+        """No parameters (the lead's `_init_weights` may call this on every head rule)."""
+
+    def log_gates(self, key: torch.Tensor) -> torch.Tensor | None:
+        """(B, H, T) log g_t <= 0 for the new tokens, or None (no decay)."""
+        return None
+
+    def _features(self, states: torch.Tensor) -> torch.Tensor:
+        if self.feature_map == "elu_plus_one":
+            return nn.functional.elu(states) + 1.0
+        return states
+
+    def forward(
+        self,
+        attention: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        cache: Any = None,
+        cache_index: int | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        batch, heads, num_new, _ = query.shape
+        scaling = kwargs.get("scaling", attention.scaling)
+        q = self._features(query.float() * scaling)
+        k = self._features(key.float())
+        v = value.float()
+        log_gate = self.log_gates(key)
+        real = _real_tokens(key_padding_mask, num_new)
+        if real is not None:
+            k = k * real[..., None]
+            if log_gate is not None:
+                log_gate = log_gate * real  # g = 1 on padding: a padded position neither adds nor decays
+        if self.normalization == "sum":
+            v = torch.cat([v, v.new_ones(batch, heads, num_new, 1)], dim=-1)  # last column: sum_i w_ti q.k_i
+
+        layer = energy_state_layer(cache, cache_index) if cache is not None else None
+        past = layer.states if layer is not None else {}
+        output, state = linear_attention(q, k, v, log_gate, past.get("state"), self.chunk_size)
+        new_states = {"state": state}
+        if self.normalization == "sum":
+            output = output[..., :-1] / (output[..., -1:] + LINEAR_NORMALIZATION_EPS)
+        elif self.normalization == "length":
+            # sum_i w_ti over the real tokens: the same recurrence with q = 1, k = 1 (0 on padding), v = 1.
+            ones = q.new_ones(batch, heads, num_new, 1)
+            counts = ones if real is None else real[..., None].expand(batch, heads, num_new, 1)
+            total, new_states["total_weight"] = linear_attention(
+                ones, counts, ones, log_gate, past.get("total_weight"), self.chunk_size
+            )
+            output = output / total.clamp(min=1.0)  # >= 1 at every real token; padded rows (0 tokens) give 0
+        if layer is not None:
+            layer.store(new_states, num_new)
+        return output.transpose(1, 2).to(query.dtype), None
+
+
+class GatedLinearHeads(LinearHeads):
+    """`gated_linear` energy: `o_t = sum_{i<=t} (prod_{j=i+1..t} g_j) (q_t . k_i) v_i` per head.
+
+    One GD step on the position-discounted `F(z) = -1/2 sum_i w_ti (z . v_i)^2`, untied, with scalar gates per head and
+    token (`gated_linear_gate`):
+      * `data` (default, GLA-style): `g_t = sigmoid(k_t . w_h + b_h)^(1/tau)`, tau = `gated_linear_gate_temperature`.
+        The head rule only sees q, k, v, and `k_t . w_h = (W_K^T w_h) . LN1(x_t)` is a linear map of the layer input
+        restricted to the head's key subspace: a data-dependent gate with H * (D + 1) parameters and no change to the
+        attention's interface. Parameters `gate_weight` (H, D), `gate_bias` (H,).
+      * `constant` (RetNet-style): a learned `g_h = sigmoid(gate_logit_h)` per head. Parameter `gate_logit` (H,).
+    Both start from RetNet's multi-scale decays `g_h = 1 - 2^(-5-h)` (`init_parameters`: `gate_weight = 0`, so the data
+    gate starts equal to the constant one). Gates are in log space throughout (`logsigmoid`, cumulative sums of log g),
+    so nothing overflows. Options, padding, chunked / recurrent forms and the cache: as `LinearHeads`, with `sum_i w_ti`
+    (the decayed token count) as the `length` normaliser. Gate parameters are always trained.
+    """
+
+    config_fields = LinearHeads.config_fields + (GATED_LINEAR_GATE, GATED_LINEAR_GATE_TEMPERATURE)
+    # The parameters the rule may own: `gate_weight`, `gate_bias` with the data gate, `gate_logit` with the constant one.
+    parameter_names = ("gate_weight", "gate_bias", "gate_logit")
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        num_heads = config.num_attention_heads
+        head_dim = config.hidden_size // num_heads
+        self.gate = config.gated_linear_gate
+        self.gate_temperature = float(config.gated_linear_gate_temperature)
+        if self.gate == "data":
+            self.gate_weight = nn.Parameter(torch.zeros(num_heads, head_dim))
+            self.gate_bias = nn.Parameter(torch.zeros(num_heads))
+        else:
+            self.gate_logit = nn.Parameter(torch.zeros(num_heads))
+        self.init_parameters()
+
+
+    def init_parameters(self) -> None:
+        """RetNet's decays at init: sigmoid(logit)^(1/tau) = gamma_h, i.e. logit = log(gamma^tau / (1 - gamma^tau));
+        `gate_weight` = 0. Skips tensors loaded from a checkpoint (`_is_hf_initialized`)."""
+        if self.gate == "data":
+            target = retnet_decays(self.gate_bias.shape[0]).pow(self.gate_temperature)  # sigmoid(b_h) = gamma_h^tau
+            _initialise(self.gate_weight, torch.zeros_like(self.gate_weight))
+            _initialise(self.gate_bias, torch.logit(target))
+        else:
+            _initialise(self.gate_logit, torch.logit(retnet_decays(self.gate_logit.shape[0])))
+
+    def log_gates(self, key: torch.Tensor) -> torch.Tensor:
+        if self.gate == "data":
+            logits = torch.einsum("bhtd,hd->bht", key.float(), self.gate_weight.float())
+            logits = logits + self.gate_bias.float()[None, :, None]
+            return nn.functional.logsigmoid(logits) / self.gate_temperature
+        batch, heads, length, _ = key.shape
+        return nn.functional.logsigmoid(self.gate_logit.float())[None, :, None].expand(batch, heads, length)
+
+
+def apply_attention_mask(
+    scores: torch.Tensor, attention_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Mask (B, H, Tq, S) scores in place, whatever form the mask takes (queries = the last Tq of the S positions):
+    None = pure causal (sdpa may pass None), bool = True where allowed, float = additive (eager). Padded keys of
+    `key_padding_mask` (False) are masked too."""
+    q_len, kv_len = scores.shape[-2:]
+    lowest = torch.finfo(scores.dtype).min
+    if attention_mask is None:
+        future = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).triu(kv_len - q_len + 1)
+        scores.masked_fill_(future, lowest)
+    elif attention_mask.dtype == torch.bool:
+        scores.masked_fill_(~attention_mask[..., :kv_len], lowest)
+    else:
+        scores.add_(attention_mask[..., :kv_len].float()).clamp_(min=lowest)
+    if key_padding_mask is not None:
+        scores.masked_fill_(~key_padding_mask[:, None, None, :kv_len].bool(), lowest)
+    return scores
+
+
+class HuberHeads(nn.Module):
+    """`huber` robust local energy on the softmax energy (`local_energy='huber'`), eager only (materialises Tq x S).
+
+    Tied (DESIGN.md section 5): `E_i(z) = rho_delta(||z - v_i||)`, `F = -T log sum_i exp(-E_i / T)`, with the Huber
+    function `rho_delta(r) = r^2 / 2` for `r <= delta`, `delta (r - delta / 2)` beyond. Then
+    `grad F = sum_i p_i psi(z - v_i)`, `p_i ∝ exp(-E_i / T)`, and `psi(u) = c(u) u` with `c(u) = min(1, delta / ||u||)`
+    is the clipped residual. A GD step: `z - eta grad F = z + eta sum_i p_i c_i (v_i - z)`.
+
+    Untied, as the elastic step becomes softmax attention: the residual *norm*, which decides both the weight and the
+    clip, is measured between the query and the key, `r_ti = ||q_t - k_i||`; the value carries the direction. The head
+    returns
+        `o_t = sum_i p_ti c_ti v_i`,   `p_ti = softmax_i(-rho_delta(r_ti) * scaling)`,   `c_ti = min(1, delta / r_ti)`,
+    with T = 1 / scaling (the attention's `scaling`), causal and padding masks as for softmax. The query state's own
+    term `-eta (sum_i p_i c_i) z` is dropped, as the GD step drops `-eta z` (absorbed by the residual and LayerNorm);
+    here its coefficient is data dependent (<= 1), which is the one approximation. Each anchor's pull is bounded:
+    `||p_i c_i (v_i - z)|| <= p_i delta` in the tied picture.
+
+    delta -> infinity: `rho = r^2 / 2`, `c = 1`, so `o_t = sum_i softmax_i(-||q_t - k_i||^2 / 2T) v_i`: the elastic
+    energy with exact distances, which equals `softmax_i(q_t . k_i / T)` up to the `-||k_i||^2 / 2T` term (the
+    `||q_t||^2` term cancels in the softmax; the key-norm term cancels only when all keys have the same norm).
+    Returns the weights `p` (B, H, Tq, S), after attention dropout (`dropout` kwarg, as eager attention).
+    """
+
+    uses_kv_cache = True
+    config_fields: tuple[EnergyConfigField, ...] = (HUBER_DELTA,)
+    parameter_names: tuple[str, ...] = ()
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.delta = float(config.huber_delta)
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        """No checks across fields."""
+
+    def init_parameters(self) -> None:
+        """No parameters."""
+
+    def forward(
+        self,
+        attention: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        cache: Any = None,
+        cache_index: int | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scaling = kwargs.get("scaling", attention.scaling)
+        dropout = kwargs.get("dropout", 0.0)
+        q, k, v = query.float(), key.float(), value.float()
+        delta, delta_squared = self.delta, self.delta**2
+        squared_distances = (
+            (q * q).sum(-1, keepdim=True) + (k * k).sum(-1)[..., None, :] - 2.0 * torch.matmul(q, k.transpose(-1, -2))
+        ).clamp_(min=0.0)  # ||q_t - k_i||^2
+        # max(r, delta): r on the linear branch; delta (a constant, no sqrt at 0) on the quadratic one.
+        clipped_distances = squared_distances.clamp(min=delta_squared).sqrt()
+        energies = torch.where(
+            squared_distances <= delta_squared, 0.5 * squared_distances, delta * clipped_distances - 0.5 * delta_squared
+        )
+        scores = apply_attention_mask(-scaling * energies, attention_mask, key_padding_mask)
+        probabilities = torch.softmax(scores, dim=-1)
+        probabilities = nn.functional.dropout(probabilities, p=dropout, training=attention.training)
+        clip = delta / clipped_distances  # min(1, delta / r)
+        output = torch.matmul(probabilities * clip, v)
+        return output.transpose(1, 2).to(query.dtype), probabilities.to(query.dtype)
+
+
+# What the solver registry registers: config value -> head rule.
+ENERGY_HEAD_RULES: dict[str, type[nn.Module]] = {
+    "linear": LinearHeads,
+    "gated_linear": GatedLinearHeads,
+    "huber": HuberHeads,
+}
+
+__all__ = [
+    "ENERGY_HEAD_RULES",
+    "EnergyConfigField",
+    "EnergyStateLayer",
+    "GatedLinearHeads",
+    "HuberHeads",
+    "LinearHeads",
+    "chunked_linear_attention",
+    "energy_state_layer",
+    "fla_linear_attention",
+    "linear_attention",
+    "recurrent_linear_attention",
+]
