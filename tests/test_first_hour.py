@@ -89,11 +89,7 @@ def test_help_usage_line_names_the_command(command, capsys):
     assert help_text(command, capsys).startswith(f"usage: energy-gpt {command} ")
 
 
-@pytest.mark.parametrize("command", [
-    "pretrain", "glue", "convert", "push",
-    # compare.py builds its own HfArgumentParser: it gets the summary with `recipe_parser(..., __doc__)`.
-    pytest.param("compare", marks=pytest.mark.xfail(reason="compare.py does not use recipe_parser yet", strict=False)),
-])
+@pytest.mark.parametrize("command", ["pretrain", "glue", "compare", "convert", "push"])
 def test_help_starts_with_a_summary(command, capsys):
     text = help_text(command, capsys)
     paragraphs = [block for block in text.split("\n\n") if block.strip()]
