@@ -132,9 +132,14 @@ class EnergyGPTAttention(nn.Module):
             loop, layer = divmod(cache_index, self.config.n_layer)
             key, value = _loop_cache(cache, loop).update(key, value, layer)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # transformers >= 5.1
+            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+        else:  # 5.0
+            attention_interface = eager_attention_forward
+            if self.config._attn_implementation != "eager":
+                attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
 
         # By keyword, with `attention` in `_skip_keys_device_placement`: accelerate's offload hook on the head rule
         # (it owns lambda) moves its arguments to the execution device, and `.to()` on this module would try to move

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .newton_kernels_energy_gpt import fused_kernels_available, light_second_moment, newton_second_moments
+
 
 NO_PRESERVING_VALUE = object()  # a field whose value does not matter for GPT-2 equivalence
 RESIDUAL, HEAD = "residual", "head"
@@ -395,6 +397,20 @@ def keys_visible_without_mask(key, value, attention_mask, q_len: int):
     return key, value
 
 
+def fused_kernel_padding(query, key, attention_mask, key_padding_mask) -> tuple[bool, torch.Tensor | None]:
+    """Whether the fused Triton kernels can take this call (CUDA with Triton, or its interpreter), and their key
+    padding mask. The kernels know "causal + key padding" only: a mask transformers skipped (`None`), or one it built
+    from the 2D padding mask the model was given (`key_padding_mask`); any other 4D mask takes the PyTorch path."""
+    if not fused_kernels_available(query):
+        return False, None
+    if attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
+        padding = attention_mask if attention_mask is not None else None
+        return True, None if padding is None else padding[:, : key.shape[2]].bool()
+    if key_padding_mask is not None and key_padding_mask.shape[-1] == key.shape[2]:
+        return True, key_padding_mask
+    return False, None
+
+
 def attention_probabilities(query, key, attention_mask, scaling: float) -> torch.Tensor:
     """Causal softmax attention weights in fp32, whatever form the mask takes: `None` (pure causal, as `sdpa` leaves
     it), boolean 4D (True = keep), additive float 4D (`eager`), or the 2D padding mask of flash attention. Queries are
@@ -518,8 +534,12 @@ class NewtonHeads(nn.Module):
         attn_output, attn_weights = attention_interface(attention, query, key, value, attention_mask,
                                                         dropout=0.0, scaling=scaling, **kwargs)
         mean = attn_output.transpose(1, 2).float()  # (batch, heads, q_len, head_dim)
+        use_kernel, padding = fused_kernel_padding(query, key, attention_mask, key_padding_mask)
         if attn_weights is not None:  # eager returns the probabilities: reuse them
             correction = self._correction_from_probabilities(attn_weights.float(), value.float(), mean, None)
+        elif use_kernel:  # CUDA: one fused flash-style pass over the keys (newton_kernels_energy_gpt.py)
+            products, second_moment = newton_second_moments(query, key, value, mean, scaling, padding)
+            correction = self._finish(products, second_moment, mean, None)
         else:
             correction = self._fused_correction(query, key, value.float(), mean, attention_mask, scaling)
         return (mean + correction).to(attn_output.dtype).transpose(1, 2), attn_weights
@@ -584,8 +604,11 @@ class LightNewtonHeads(NewtonHeads):
         attn_output, attn_weights = attention_interface(attention, query, key, value, attention_mask,
                                                         dropout=0.0, scaling=scaling, **kwargs)
         mean = attn_output.transpose(1, 2).float()
+        use_kernel, padding = fused_kernel_padding(query, key, attention_mask, key_padding_mask)
         if attn_weights is not None:
             second_moment = torch.matmul(attn_weights.float(), squared_values)
+        elif use_kernel:
+            second_moment = light_second_moment(query, key, value, scaling, padding)
         else:
             second_moment, _ = attention_interface(attention, query.float(), key.float(), squared_values,
                                                    attention_mask, dropout=0.0, scaling=scaling, **kwargs)
