@@ -811,8 +811,6 @@ def train_one_run(
         "num_parameters": count_parameters(model),
         "solver_report": learned_solver_values(trainer.model, task, run_args),
     }
-    del trainer, model
-    gc.collect()
     return result
 
 
@@ -1143,7 +1141,7 @@ def render_table(
             cells = []
             for key in fractions:
                 difference = entry["vs_reference"]["steps_to_target"][key]
-                prefix = f"{_difference(difference, 0)}: " if difference.get("mean") is not None else ""
+                prefix = f"{_difference(difference, 1)}: " if difference.get("mean") is not None else ""
                 cells.append(prefix + difference["verdict"])
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     learned = {label: entry["solver_report"] for label, entry in summary.items() if entry.get("solver_report")}
@@ -1268,16 +1266,18 @@ def render_plot(
     return buffer.getvalue()
 
 
-def write_outputs(output_dir: Path, report: dict[str, Any], table: str, plot_title: str) -> None:
-    """The aggregated files, each written atomically (a reader never sees a half-written table)."""
+def write_outputs(output_dir: Path, report: dict[str, Any], table: str, plot_title: str | None) -> None:
+    """The aggregated files, each written atomically (a reader never sees a half-written table). `plot_title=None`
+    leaves the plot as it is (drawing it takes longer than a tiny run)."""
     runs = report["runs"]
     atomic_write_text(output_dir / OUTPUT_FILES["table"], table)
     atomic_write_text(output_dir / OUTPUT_FILES["csv"], render_csv(runs))
     json_report = {**report, "runs": {label: {str(seed): run for seed, run in by_seed.items()}
                                       for label, by_seed in runs.items()}}
     atomic_write_json(output_dir / OUTPUT_FILES["json"], json_report)
-    plot = render_plot(runs, report["reference"]["label"], plot_title, report["settings"].get("blind_guess_loss"))
-    atomic_write_bytes(output_dir / OUTPUT_FILES["plot"], plot)
+    if plot_title is not None:
+        plot = render_plot(runs, report["reference"]["label"], plot_title, report["settings"].get("blind_guess_loss"))
+        atomic_write_bytes(output_dir / OUTPUT_FILES["plot"], plot)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1499,9 +1499,9 @@ def main(argv: list[str] | None = None) -> int:
         plot_title = (f"EnergyGPT solvers on {task.name}: {training_args.max_steps} steps, seeds "
                       f"{', '.join(map(str, seeds))}")
         reused = sum(len(by_seed) for by_seed in finished.values())
-        trained = 0
+        trained, plot_is_current = 0, False
 
-        def rebuild_outputs() -> str:
+        def rebuild_outputs(plot: bool) -> str:
             runs = {**({REFERENCE_SOLVER: baseline_runs} if baseline_runs else {}),
                     **{label: {seed: by_seed[seed] for seed in seeds if seed in by_seed}
                        for label, by_seed in finished.items()}}
@@ -1522,7 +1522,7 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": machine, "timing": timing, "memory_measure": memory_description,
                 "summary": summary, "runs": runs,
             }
-            write_outputs(output_dir, report, table, plot_title)
+            write_outputs(output_dir, report, table, plot_title if plot else None)
             return table
 
         for index, (spec, seed) in enumerate(plan, start=1):
@@ -1546,8 +1546,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{result['final_validation_loss']:.4f} (best {result['best_validation_loss']:.4f}), "
                 f"{result['tokens_per_second']:,.0f} tokens/s, {result['wall_seconds']:.0f} s; saved in {run_dir}"
             )
-            rebuild_outputs()
-        table = rebuild_outputs()
+            # The table after every run; the plot once a seed is complete (and at the end).
+            seed_complete = index == len(plan) or plan[index][1] != seed
+            rebuild_outputs(plot=seed_complete)
+            plot_is_current = seed_complete
+        table = rebuild_outputs(plot=not plot_is_current)
 
     print(table)
     print(f"Comparison table: {output_dir / OUTPUT_FILES['table']}")
