@@ -366,6 +366,9 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
+        # The mask only sees the caller's position ids: transformers reads them on the host to detect packed sequences
+        # (a device sync per forward on an accelerator), which the default positions never are.
+        mask_position_ids = position_ids
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
             position_ids = position_ids.unsqueeze(0)
@@ -374,7 +377,9 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
             hidden_states = hidden_states + self.wte(token_type_ids.view(-1, inputs_embeds.shape[1]))
         hidden_states = self.drop(hidden_states)
 
-        causal_mask = _causal_mask(config, inputs_embeds, attention_mask, cache if use_cache else None, position_ids)
+        causal_mask = _causal_mask(
+            config, inputs_embeds, attention_mask, cache if use_cache else None, mask_position_ids
+        )
         key_padding_mask = attention_mask.bool() if attention_mask is not None and attention_mask.ndim == 2 else None
 
         all_hidden_states = () if output_hidden_states else None
