@@ -162,12 +162,14 @@ def build_model(name: str, shape: Shape, n_positions: int, settings: Settings, g
     )
     if name == BASELINE:
         config = transformers.GPT2Config(**common)
-        model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+        with settings.torch_device:  # initialise on the device (fast on a GPU), then cast
+            model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
         return model.to(settings.torch_device, settings.torch_dtype)
     config = EnergyGPTConfig(**common, attention_solver=name)
     if preserving:
         config = EnergyGPTConfig(**common, attention_solver=name, **solvers.function_preserving_settings(config))
-    model = EnergyGPTForCausalLM._from_config(config, attn_implementation="sdpa")
+    with settings.torch_device:
+        model = EnergyGPTForCausalLM._from_config(config, attn_implementation="sdpa")
     if gpt2_state is not None:
         # Conv1D [in, out] -> Linear [out, in]; the solver tensors keep their configured initial values.
         state = {

@@ -51,6 +51,15 @@ def test_quick_benchmark_writes_report(tmp_path, capsys):
         assert f"| {name} |" in report
     assert "Generation check" in report and "device cpu, dtype float32" in report
 
+    # The GPU report renders from the same kind of results (no GPU needed to render; nothing is measured here).
+    from benchmarks import gpu
+
+    data = {"command": "test", "machine": results["machine"], "stages": {"models_T1024": results}}
+    gpu_report = gpu.render(data, elapsed=1.0)
+    assert "## Targets (issue 14" in gpu_report
+    for name in bench.TARGETS:
+        assert f"| {name} | 32 |" in gpu_report  # one targets row per solver at the run's T
+
 
 def test_half_precision_with_a_forced_sdpa_backend(tmp_path, capsys):
     """bf16 parameters and SDPA's math backend forced around every call, GPT-2 preserved in generation."""
@@ -113,3 +122,17 @@ def test_cuda_is_refused_without_a_gpu(capsys):
         bench.parse_args(["--device", "cuda"])
     assert "torch sees no CUDA device" in capsys.readouterr().err
     assert bench.parse_args([]).device == "cpu"  # the default follows the machine
+
+
+def test_gpu_script_fails_fast_without_cuda():
+    if bench.torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the script would measure")
+    import subprocess
+
+    completed = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True,
+                               timeout=120, check=False)
+    assert completed.returncode == 2 and "no CUDA device" in completed.stderr
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.gpu"], capture_output=True, text=True,
+                               cwd=REPO_ROOT, timeout=120, check=False)
+    assert completed.returncode != 0 and "no CUDA device" in completed.stderr
+    assert not (REPO_ROOT / "benchmarks" / "results-gpu.md").exists()  # never a GPU table that was not measured
