@@ -206,7 +206,8 @@ def render(data: dict, elapsed: float) -> str:
              f"Fused Newton kernels: available {machine.get('newton_kernels', {}).get('available')}, called by the "
              f"head rules {machine.get('newton_kernels', {}).get('wired')}.\n"]
     if "kernel_check_failed" in stages:
-        lines += ["## Kernel check FAILED (nothing else was measured)\n", f"```\n{stages['kernel_check_failed']}\n```\n"]
+        lines += ["## Kernel check FAILED (nothing else was measured)\n",
+                  f"```\n{stages['kernel_check_failed']}\n```\n"]
     if isinstance(stages.get("kernel_check"), list):
         lines += ["## 1. Fused kernels against the PyTorch reference on this GPU\n",
                   kernels.render_check(stages["kernel_check"])]

@@ -553,7 +553,8 @@ def describe_machine(results: dict) -> str:
                 f"{machine['platform']}; {machine['date']}")
     if settings.device.startswith("cuda"):
         return (f"GPU: {machine.get('gpu')}, driver {machine.get('driver')}, CUDA {machine.get('cuda')}, triton "
-                f"{machine.get('triton')}; CPU {machine['cpu']} ({machine['logical_cores']} logical cores); {software}.")
+                f"{machine.get('triton')}; CPU {machine['cpu']} ({machine['logical_cores']} logical cores); "
+                f"{software}.")
     return (f"CPU: {machine['cpu']}, {machine['logical_cores']} logical cores (torch uses {machine['torch_threads']} "
             f"threads; shared with other jobs while measured); {software}.")
 
@@ -592,8 +593,9 @@ def render_markdown(results: dict) -> str:
             same = [name for name, c in check.items() if c["equal"]]
             different = [f"{name} ({c['matching_steps']}/{c['steps']} steps)" for name, c in check.items()
                          if not c["equal"]]
+            differ = f"; different for {', '.join(different)}" if different else ""
             add(f"Generation check (GPT-2-preserving settings, greedy tokens vs GPT-2): same tokens for "
-                f"{', '.join(same) or 'none'}" + (f"; different for {', '.join(different)}" if different else "") + ".\n")
+                f"{', '.join(same) or 'none'}{differ}.\n")
         add("| model | train tok/s | forward tok/s | generate tok/s | train ratio | forward ratio | generate ratio "
             "| train mem MiB (ratio) | forward mem MiB (ratio) |")
         add("|---|---|---|---|---|---|---|---|---|")
@@ -659,7 +661,10 @@ def render_targets(results: dict, memory: dict) -> str:
     shape, timings = shape_result["shape"], shape_result["timings"]
     if BASELINE not in timings["train"]:
         return ""
-    key = lambda name: (shape["name"], shape["seq_len"], shape["batch_size"], name)
+
+    def key(name: str) -> tuple:
+        return shape["name"], shape["seq_len"], shape["batch_size"], name
+
     base_mem = memory.get(key(BASELINE))
     lines = [f"## Targets (issue 14; judged on {'GPU' if settings.is_cuda else 'CPU'}, {settings.dtype}, shape "
              f"`{shape['name']}` T={shape['seq_len']}, median ratios)\n",
@@ -861,7 +866,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = settings_from_args(args)
     if args.quick:
-        shapes, seq_lens, scaling_shape = [SHAPES["tiny"]], sorted(set(args.seq_lens) & {16, 32}) or [16, 32], SHAPES["tiny"]
+        shapes, scaling_shape = [SHAPES["tiny"]], SHAPES["tiny"]
+        seq_lens = sorted(set(args.seq_lens) & {16, 32}) or [16, 32]
         repeats = {"tiny": min(args.repeats, 2)}
         scaling_repeats = min(args.scaling_repeats, 2)
     else:

@@ -114,7 +114,8 @@ def _check_inputs(query, key, value, mean, key_padding_mask) -> torch.Tensor | N
     """Shapes as documented; returns the key padding mask cut to the key length (or None)."""
     if query.ndim != 4 or key.shape != value.shape or key.ndim != 4:
         raise ValueError(f"query must be (batch, heads, q_len, head_dim) and key / value (batch, heads, kv_len, "
-                         f"head_dim) of equal shape, got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}.")
+                         f"head_dim) of equal shape, got {tuple(query.shape)}, {tuple(key.shape)}, "
+                         f"{tuple(value.shape)}.")
     batch, heads, q_len, head_dim = query.shape
     if key.shape[:2] != (batch, heads) or key.shape[-1] != head_dim or key.shape[2] < q_len:
         raise ValueError(f"key / value {tuple(key.shape)} do not match query {tuple(query.shape)}: same batch, heads "
@@ -279,7 +280,8 @@ if triton is not None:
             offs_m = start_m + tl.arange(0, BLOCK_M)
             in_rows = offs_m < TQ
             row_mask = in_rows[:, None] & (offs_d[None, :] < D)
-            q = tl.load(Q + q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_mask, other=0.0)
+            q = tl.load(Q + q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_mask,
+                        other=0.0)
             g = tl.load(G + (row_base + offs_m)[:, None] * D + offs_d[None, :], mask=row_mask, other=0.0).to(v.dtype)
             lse = tl.load(LSE + row_base + offs_m, mask=in_rows, other=float("inf"))
             delta = tl.load(DELTA + row_base + offs_m, mask=in_rows, other=0.0)
@@ -557,7 +559,8 @@ class _LightSecondMoment(torch.autograd.Function):
 def _require_kernels(query: torch.Tensor, head_dim: int) -> None:
     if not fused_kernels_available(query):
         raise RuntimeError(
-            f"The fused Newton kernels need Triton and a CUDA tensor (or, for CPU tensors, TRITON_INTERPRET=1 at import and at the call); "
+            "The fused Newton kernels need Triton and a CUDA tensor (or, for CPU tensors, TRITON_INTERPRET=1 at import "
+            "and at the call); "
             f"got a {query.device.type} tensor with Triton {'installed' if triton else 'not installed'}. Check "
             "`fused_kernels_available(tensor)` first, or use the PyTorch path (`..._reference`)."
         )
@@ -577,6 +580,8 @@ def newton_second_moments(query: torch.Tensor, key: torch.Tensor, value: torch.T
     """
     key_padding_mask = _check_inputs(query, key, value, mean, key_padding_mask)
     _require_kernels(query, query.shape[-1])
+    if query.numel() == 0:  # nothing to launch
+        return newton_second_moments_reference(query, key, value, mean, scaling, key_padding_mask)
     return _NewtonSecondMoments.apply(query, key, value, mean, float(scaling), key_padding_mask)
 
 
@@ -585,6 +590,8 @@ def light_second_moment(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """Fused `sum_i p_ti v_i * v_i` (fp32, (B, H, Tq, D)); arguments as in `newton_second_moments`."""
     key_padding_mask = _check_inputs(query, key, value, None, key_padding_mask)
     _require_kernels(query, query.shape[-1])
+    if query.numel() == 0:
+        return light_second_moment_reference(query, key, value, scaling, key_padding_mask)
     return _LightSecondMoment.apply(query, key, value, float(scaling), key_padding_mask)
 
 
