@@ -17,6 +17,9 @@ try:  # transformers renamed the base class; both names exist across the 5.x ran
 except ImportError:  # pragma: no cover - older releases
     from transformers.configuration_utils import PretrainedConfig as PreTrainedConfig
 
+# Remote code on transformers 5.0 copies only the files an entry file imports itself (one level deep): every model
+# file is imported directly here so a local checkpoint folder loads on every release.
+from .newton_kernels_energy_gpt import fused_kernels_available  # noqa: F401
 from .solvers_energy_gpt import (
     ATTENTION_ENERGIES,
     LOCAL_ENERGIES,

@@ -26,6 +26,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
 from .configuration_energy_gpt import EnergyGPTConfig
+# Remote code on transformers 5.0 copies only the files an entry file imports itself (one level deep): every model
+# file is imported directly here so a local checkpoint folder loads on every release.
+from .newton_kernels_energy_gpt import fused_kernels_available  # noqa: F401
 from .solvers_energy_gpt import head_rule_for, init_solver_parameters, residual_rule_for
 
 
