@@ -1,6 +1,6 @@
 """Micro benchmark of the energy head rules: linear / gated_linear against softmax attention (SDPA), T = 256 .. 8192.
 
-    python -m benchmarks.energies                                   # T = 256 .. 8192, 3 repetitions (~3 min, 2 cores)
+    python -m benchmarks.energies --repeats 5                       # T = 256 .. 8192 (~6 min on 2 shared cores)
     python -m benchmarks.energies --seq_lens 256 1024 --repeats 2 --output_dir /tmp/bench
 
 Head level only (what differs between the energies): one attention layer's per-head computation on random
@@ -253,7 +253,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head_dim", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (0: PyTorch's default). 1 by default: on a shared 2-core machine "
+                             "spinning OpenMP threads made the timings vary by 10x or more between repetitions.")
     parser.add_argument("--no_memory", action="store_true")
     parser.add_argument("--output_dir", type=Path, default=REPO_ROOT / "benchmarks")
     parser.add_argument("--memory_probe", action="store_true", help=argparse.SUPPRESS)

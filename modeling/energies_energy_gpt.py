@@ -571,14 +571,22 @@ class GatedLinearHeads(LinearHeads):
 def apply_attention_mask(
     scores: torch.Tensor, attention_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Mask (B, H, Tq, S) scores in place, whatever form the mask takes (queries = the last Tq of the S positions):
-    None = pure causal (sdpa may pass None), bool = True where allowed, float = additive (eager). Padded keys of
-    `key_padding_mask` (False) are masked too."""
+    """Mask (B, H, Tq, S) scores in place, whatever form the mask takes (queries = the last Tq of the S positions), as
+    `solvers_energy_gpt.attention_probabilities` reads it: None = pure causal (sdpa may pass None), 2D (B, S) =
+    flash attention's padding mask (1 = real) plus causality, bool 4D = True where allowed, float 4D = additive
+    (eager). Padded keys of `key_padding_mask` (False) are masked too."""
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(
+            f"The `huber` heads compute their own weights and cannot read a {type(attention_mask).__name__} mask (flex "
+            "attention): use attn_implementation='eager' or 'sdpa'."
+        )
     q_len, kv_len = scores.shape[-2:]
     lowest = torch.finfo(scores.dtype).min
-    if attention_mask is None:
-        future = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).triu(kv_len - q_len + 1)
-        scores.masked_fill_(future, lowest)
+    if attention_mask is None or attention_mask.ndim == 2:
+        query_positions = torch.arange(kv_len - q_len, kv_len, device=scores.device).unsqueeze(-1)
+        scores.masked_fill_(torch.arange(kv_len, device=scores.device) > query_positions, lowest)
+        if attention_mask is not None:
+            scores.masked_fill_(~attention_mask[:, None, None, :kv_len].bool(), lowest)
     elif attention_mask.dtype == torch.bool:
         scores.masked_fill_(~attention_mask[..., :kv_len], lowest)
     else:
@@ -642,6 +650,12 @@ class HuberHeads(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         scaling = kwargs.get("scaling", attention.scaling)
         dropout = kwargs.get("dropout", 0.0)
+        if attention_mask is None and 1 < query.shape[2] < key.shape[2]:
+            # transformers skipped the mask and relies on SDPA's upper-left `is_causal` (a static cache's prefill, whose
+            # later slots are empty): only the first Tq keys are visible (as `solvers_energy_gpt.
+            # keys_visible_without_mask`), which the lower-right causal rule then reads right.
+            key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask[:, : query.shape[2]]
         q, k, v = query.float(), key.float(), value.float()
         delta, delta_squared = self.delta, self.delta**2
         squared_distances = (

@@ -152,7 +152,7 @@ def test_gated_linear_matches_reference_loop(gate, feature_map, normalization):
     torch.testing.assert_close(output.double(), reference_linear(rule, query, key, value), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "2d"])
 @pytest.mark.parametrize("delta", [0.5, 3.0])
 def test_huber_matches_reference_loop(mask_kind, delta):
     rule, attention = make_rule("huber", huber_delta=delta)
@@ -162,9 +162,9 @@ def test_huber_matches_reference_loop(mask_kind, delta):
     real[0, :2] = False
     causal = torch.ones(9, 9, dtype=torch.bool).tril()
     allowed = causal[None, None] & real[:, None, None, :]
-    mask = {"none": None, "bool": allowed,
+    mask = {"none": None, "bool": allowed, "2d": real.long(),  # flash attention's (B, S) padding mask
             "float": torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)}[mask_kind]
-    padding = None if mask_kind == "none" else real  # with no 4D mask only causality: no padding either
+    padding = None if mask_kind == "none" else real  # with no mask only causality: no padding either
     output, weights = run(rule, attention, query, key, value, attention_mask=mask, key_padding_mask=padding)
     expected = reference_huber(
         query, key, value, delta, lambda b, t, i: i <= t and (padding is None or bool(real[b, i]))
@@ -198,9 +198,15 @@ def test_huber_with_cached_keys_equals_the_full_forward():
     rule, attention = make_rule("huber", huber_delta=0.8)
     query, key, value = qkv(8, seed=12)
     full, _ = run(rule, attention, query, key, value)
-    for mask in (None, torch.ones(B, 1, 3, 8, dtype=torch.bool).tril(5)):
-        last, _ = run(rule, attention, query[:, :, 5:], key, value, attention_mask=mask)
-        torch.testing.assert_close(last, full[:, 5:], atol=1e-6, rtol=1e-6)
+    mask = torch.ones(B, 1, 3, 8, dtype=torch.bool).tril(5)  # 3 new queries after 5 cached tokens
+    last, _ = run(rule, attention, query[:, :, 5:], key, value, attention_mask=mask)
+    torch.testing.assert_close(last, full[:, 5:], atol=1e-6, rtol=1e-6)
+    last, _ = run(rule, attention, query[:, :, 7:], key, value)  # one new query, no mask: it sees every key
+    torch.testing.assert_close(last, full[:, 7:], atol=1e-6, rtol=1e-6)
+    # Several queries and no mask (transformers skipped it: a static cache's prefill, later slots empty): upper-left.
+    empty_slots = lambda tensor: torch.cat([tensor[:, :, :5], torch.zeros_like(tensor[:, :, 5:])], dim=2)  # noqa: E731
+    prefill, _ = run(rule, attention, query[:, :, :5], empty_slots(key), empty_slots(value))
+    torch.testing.assert_close(prefill, full[:, :5], atol=1e-6, rtol=1e-6)
 
 
 def test_huber_small_delta_clips_far_anchors():
