@@ -36,7 +36,6 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "softmax-sdpa"
 RULES = ("linear", "gated_linear")
@@ -184,15 +183,15 @@ def render_markdown(results: dict) -> str:
         "",
         f"Command: `{results['command']}`  ",
         f"Machine: {results['machine']}  ",
-        f"Shape: batch {settings['batch']}, {settings['heads']} heads of {settings['head_dim']}, fp32; "
-        f"{settings['repeats']} interleaved repetitions per T. Rules with their config defaults "
-        f"({results['defaults']}), PyTorch chunked path (chunk {results['chunk_size']}).",
+        (f"Shape: batch {settings['batch']}, {settings['heads']} heads of {settings['head_dim']}, fp32; "
+         f"{settings['repeats']} interleaved repetitions per T. Rules with their config defaults "
+         f"({results['defaults']}), PyTorch chunked path (chunk {results['chunk_size']})."),
         "",
-        "Speed-up = SDPA time / rule time within a repetition (median, spread in brackets; > 1: faster than SDPA). "
-        "Memory = peak resident increment during one call (MiB).",
+        ("Speed-up = SDPA time / rule time within a repetition (median, spread in brackets; > 1: faster than SDPA). "
+         "Memory = peak resident increment during one call (MiB)."),
         "",
-        "| T | metric | softmax-sdpa ms | linear ms | gated_linear ms | linear speed-up | gated_linear speed-up "
-        "| memory sdpa / linear / gated (MiB) |",
+        ("| T | metric | softmax-sdpa ms | linear ms | gated_linear ms | linear speed-up | gated_linear speed-up "
+         "| memory sdpa / linear / gated (MiB) |"),
         "|---|---|---|---|---|---|---|---|",
     ]
     for seq_len in sorted(int(t) for t in results["timings"]):
@@ -225,7 +224,7 @@ def render_plot(results: dict, path: Path) -> None:
     memory = {(m["name"], m["seq_len"]): m for m in results.get("memory") or []}
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for name in NAMES:
-        style = dict(marker="o", linestyle="--" if name == BASELINE else "-", label=name)
+        style = {"marker": "o", "linestyle": "--" if name == BASELINE else "-", "label": name}
         for axis, metric in zip(axes[:2], METRICS):
             axis.plot(seq_lens, [results["timings"][str(t)][metric][name]["ms"]["median"] for t in seq_lens], **style)
         if memory:
@@ -272,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_probe:
         print(json.dumps(memory_probe(args)))
         return 0
-    log = lambda message: print(message, flush=True)  # noqa: E731
+    log = lambda message: print(message, flush=True)
     timings = {str(t): time_sequence_length(args, t, log) for t in sorted(args.seq_lens)}
     results = {
         "command": "python -m benchmarks.energies " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -38,7 +38,6 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-
 # --------------------------------------------------------------------------------------------------------------------
 # Config fields: name, default, check, doc. The registry turns them into `EnergyGPTConfig` attributes.
 # --------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from transformers import GPT2Config
 from transformers.cache_utils import DynamicCache, StaticCache
 
-
 _PATH = Path(__file__).resolve().parents[1] / "modeling" / "energies_energy_gpt.py"
 _SPEC = importlib.util.spec_from_file_location("energies_energy_gpt_under_test", _PATH)
 energies = importlib.util.module_from_spec(_SPEC)
@@ -83,7 +82,7 @@ def reference_linear(rule, query, key, value, real=None) -> torch.Tensor:
     phi = (lambda x: F.elu(x) + 1.0) if rule.feature_map == "elu_plus_one" else (lambda x: x)
     gated = isinstance(rule, energies.GatedLinearHeads)
     batch, heads, length, _ = query.shape
-    is_real = lambda b, i: real is None or bool(real[b, i])  # noqa: E731
+    is_real = lambda b, i: real is None or bool(real[b, i])
     output = torch.zeros(batch, length, heads, value.shape[-1], dtype=torch.float64)
     for b in range(batch):
         for h in range(heads):
@@ -204,7 +203,7 @@ def test_huber_with_cached_keys_equals_the_full_forward():
     last, _ = run(rule, attention, query[:, :, 7:], key, value)  # one new query, no mask: it sees every key
     torch.testing.assert_close(last, full[:, 7:], atol=1e-6, rtol=1e-6)
     # Several queries and no mask (transformers skipped it: a static cache's prefill, later slots empty): upper-left.
-    empty_slots = lambda tensor: torch.cat([tensor[:, :, :5], torch.zeros_like(tensor[:, :, 5:])], dim=2)  # noqa: E731
+    empty_slots = lambda tensor: torch.cat([tensor[:, :, :5], torch.zeros_like(tensor[:, :, 5:])], dim=2)
     prefill, _ = run(rule, attention, query[:, :, :5], empty_slots(key), empty_slots(value))
     torch.testing.assert_close(prefill, full[:, :5], atol=1e-6, rtol=1e-6)
 
@@ -215,7 +214,7 @@ def test_huber_small_delta_clips_far_anchors():
     query, key, value = qkv(2, seed=4)
     key = key.clone()
     key[:, :, 0] = query[:, :, 1] + 100.0  # one key very far from the second query
-    output, weights = run(rule, attention, query, key, value)
+    _, weights = run(rule, attention, query, key, value)
     far = weights[:, :, 1, 0] * 0.5 / torch.linalg.vector_norm(query[:, :, 1] - key[:, :, 0], dim=-1)
     assert torch.all(far < 1e-2)
 
