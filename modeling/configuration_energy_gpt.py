@@ -19,6 +19,7 @@ except ImportError:  # pragma: no cover - older releases
 
 # Remote code on transformers 5.0 copies only the files an entry file imports itself (one level deep): every model
 # file is imported directly here so a local checkpoint folder loads on every release.
+from .energies_energy_gpt import LinearHeads  # noqa: F401
 from .newton_kernels_energy_gpt import fused_kernels_available  # noqa: F401
 from .solvers_energy_gpt import (
     ATTENTION_ENERGIES,

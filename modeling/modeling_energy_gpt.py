@@ -28,6 +28,7 @@ from transformers.utils import logging
 from .configuration_energy_gpt import EnergyGPTConfig
 # Remote code on transformers 5.0 copies only the files an entry file imports itself (one level deep): every model
 # file is imported directly here so a local checkpoint folder loads on every release.
+from .energies_energy_gpt import LinearHeads  # noqa: F401
 from .newton_kernels_energy_gpt import fused_kernels_available  # noqa: F401
 from .solvers_energy_gpt import head_rule_for, init_solver_parameters, residual_rule_for
 
@@ -272,6 +273,8 @@ class EnergyGPTPreTrainedModel(PreTrainedModel):
         if getattr(module, "_is_residual_projection", False):
             init.normal_(module.weight, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
         init_solver_parameters(module, config, init.constant_)
+        if hasattr(module, "init_parameters"):  # rules with their own initialisation (e.g. the gated energy's gates)
+            module.init_parameters()
 
     def post_init(self):
         for module in self.modules():

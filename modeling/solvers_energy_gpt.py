@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .energies_energy_gpt import GatedLinearHeads, HuberHeads, LinearHeads
 from .newton_kernels_energy_gpt import fused_kernels_available, light_second_moment, newton_second_moments
 
 
@@ -177,6 +178,9 @@ def validate_solver_schedule(config) -> None:
                 f"`attention_solver`={head.name!r} is not derived for `local_energy`={config.local_energy!r}: use a "
                 f"residual solver ({[n for n, s in ATTENTION_SOLVERS.items() if s.kind == RESIDUAL]}) with it."
             )
+    for rule in (ATTENTION_ENERGIES[config.attention_energy], local):
+        if rule is not None and hasattr(rule.rule, "validate_config"):
+            rule.rule.validate_config(config)
     state_kinds = {residual.rule.state_kind for residual, _ in parsed} - {None}
     if len(state_kinds) > 1:
         raise ValueError(
@@ -722,6 +726,34 @@ register_solver(Solver(
     "Softmax attention: the free energy -T log sum_i exp(-||z - v_i||^2 / 2T) of elastic local energies.",
     update_rule="per head: o = sum_i softmax_i(q . k_i / sqrt(d)) v_i",
 ), registry=ATTENTION_ENERGIES)
+
+
+def _energy_fields(rule: type[nn.Module]) -> tuple[SolverField, ...]:
+    """The energies declare their fields with the rule (no GPT-2 value: no linear or robust energy computes GPT-2)."""
+    return tuple(SolverField(f.name, f.default, f.check, f.doc) for f in rule.config_fields)
+
+
+register_solver(Solver(
+    "linear", HEAD, LinearHeads, "unnormalised linear attention",
+    "The linear energy e_i = -z.v_i with F = -1/2 sum_i e_i^2: its gradient step is causal linear attention "
+    "(chunked in training, a fixed-size recurrent state per head in generation).",
+    update_rule="per head: o_t = sum_{i<=t} (phi(q_t) . phi(k_i)) v_i  (/ normaliser, see linear_normalization)",
+    fields=_energy_fields(LinearHeads),
+), registry=ATTENTION_ENERGIES)
+register_solver(Solver(
+    "gated_linear", HEAD, GatedLinearHeads, "gated linear attention",
+    "The position-discounted linear energy: linear attention whose contributions decay by per-head gates g_j "
+    "(data-dependent, GLA-style, or learned constants, RetNet-style).",
+    update_rule="per head: o_t = sum_{i<=t} (prod_{j=i+1..t} g_j) (phi(q_t) . phi(k_i)) v_i",
+    fields=_energy_fields(GatedLinearHeads),
+), registry=ATTENTION_ENERGIES)
+register_solver(Solver(
+    "huber", HEAD, HuberHeads, "robust (Huber) local energy",
+    "Softmax attention's free energy with Huber local energies rho_delta(||z - v_i||): far anchors get clipped pulls "
+    "(eager path, T x S memory).",
+    update_rule="per head: p_ti ~ exp(-rho_delta(||q_t - k_i||) scaling);  o_t = sum_i p_ti min(1, delta/||q_t - k_i||) v_i",
+    fields=_energy_fields(HuberHeads),
+), registry=LOCAL_ENERGIES)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
