@@ -25,7 +25,7 @@ from energy_gpt import EnergyGPTConfig, EnergyGPTForCausalLM, EnergyGPTForSequen
 from energy_gpt.modeling.configuration_energy_gpt import ENERGY_GPT_AUTO_MAP
 
 
-SOLVER_PARAM_SUFFIXES = ("momentum_beta", "newton_lambda")
+SOLVER_PARAM_SUFFIXES = ("momentum_beta", "newton_lambda", "dense_weights")
 PAD = 100  # last id of the tiny vocabulary; random inputs below never contain it
 # Every solver, with both NAG lookahead modes: (id, config overrides).
 SOLVER_VARIANTS = [
@@ -49,10 +49,17 @@ def build(cls=EnergyGPTForCausalLM, attn="eager", **config_overrides):
 
 @torch.no_grad()
 def set_solver_params(model, betas=(0.7, 0.4, 0.9), lambda_scale=1.0):
-    """Non-zero, layer-dependent beta and head-dependent lambda (of both signs)."""
+    """Non-zero, layer-dependent beta and head-dependent lambda (of both signs); dense weights of both signs; a
+    velocity LayerNorm (where configured) with non-trivial weights, so that a reference reading the wrong ones fails."""
     for layer, block in enumerate(model.transformer.h):
-        if hasattr(block.residual_rule, "momentum_beta"):
-            block.residual_rule.momentum_beta.fill_(betas[layer])
+        rule = block.residual_rule
+        if hasattr(rule, "momentum_beta"):
+            rule.momentum_beta.fill_(betas[layer])
+        if hasattr(rule, "dense_weights"):
+            rule.dense_weights.copy_(torch.tensor([0.8, -0.5, 0.3])[: rule.dense_weights.numel()])
+        if getattr(rule, "velocity_norm", None) is not None:
+            rule.velocity_norm.weight.copy_(1.0 + 0.3 * torch.randn_like(rule.velocity_norm.weight))
+            rule.velocity_norm.bias.copy_(0.1 * torch.randn_like(rule.velocity_norm.bias))
         if hasattr(block.attn.head_rule, "newton_lambda"):
             head_lambdas = torch.tensor([1.0, -0.6, 2.0, 0.3]) * (1.0 + 0.5 * layer)
             block.attn.head_rule.newton_lambda.copy_(lambda_scale * head_lambdas)
@@ -85,23 +92,45 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def reference_logits(state_dict, config, input_ids, attention_mask=None, position_ids=None):
-    """Logits of EnergyGPT computed token by token and head by head; returns (logits, newton_steps, clamped_steps).
+RESIDUAL_RULES = ("gd", "momentum", "nag", "dense")
+DEFAULT_STEP_BOUND = 0.5  # where `newton_step_bound=None`, engagement is counted against this (the default) bound
 
-    `newton` uses the explicit d_h x d_h covariance Sigma = sum_i p_i (v_i - mu)(v_i - mu)^T; `newton_light` its
-    diagonal. The soft step bound: lambda_eff = lambda / sqrt(1 + (lambda * s / bound)^2) with s = ||step|| / ||mu||,
-    step = Sigma mu (newton) or diag(Sigma) * mu (newton_light); "clamped" counts |lambda| * s > bound. Padding keys
-    get no probability.
+
+def reference_schedule(config) -> list[tuple[str, str | None]]:
+    """(residual rule, head rule or None) per layer, parsed here independently of the model's registry."""
+    names = config.attention_solver if isinstance(config.attention_solver, list) else [config.attention_solver] * config.n_layer
+    schedule = []
+    for name in names:
+        residual, _, head = name.partition("+")
+        schedule.append((residual, head or None) if residual in RESIDUAL_RULES else ("gd", residual))
+    return schedule
+
+
+def reference_logits(state_dict, config, input_ids, attention_mask=None, position_ids=None, weights=None):
+    """Logits of EnergyGPT computed token by token and head by head; returns (logits, newton_steps, engaged_steps).
+
+    Per layer l, with g = A(LN1(.)) the attention sublayer and m the velocity (None before the first momentum layer):
+      gd:        x' = x + g                                  (m and the dense history pass through unchanged)
+      momentum:  m = g if m is None else beta_l m + g  (ema: beta_l m + (1 - beta_l) g);  x' = x + m  (or x + LN_v(m))
+      nag:       y = x + beta_l m;  g = A(LN1(y)) (keys / values from x with nag_lookahead="query");  then momentum
+      dense:     x' = x + g_l + sum_j alpha_{l,j} g_j over the earlier dense layers j
+    Head rules: `newton` uses the explicit d_h x d_h covariance Sigma = sum_i p_i (v_i - mu)(v_i - mu)^T, step =
+    Sigma mu; `newton_light` its diagonal, step = diag(Sigma) * mu. Soft step bound: lambda_eff = lambda /
+    sqrt(1 + (lambda s / bound)^2), s = ||step|| / ||mu||; `newton_step_bound=None`: lambda_eff = lambda (plain
+    formula). "engaged" counts |lambda| s > bound (the default bound where there is none). Padding keys get no
+    probability. `weights` (float64, e.g. leaves requiring grad) replaces `state_dict` when given.
     """
-    weights = {name: tensor.double() for name, tensor in state_dict.items()}
-    solver, lookahead = config.attention_solver, config.nag_lookahead
+    if weights is None:
+        weights = {name: tensor.double() for name, tensor in state_dict.items()}
+    schedule = reference_schedule(config)
     batch, length = input_ids.shape
     width, n_head = config.n_embd, config.n_head
     head_dim = width // n_head
+    bound = config.newton_step_bound
     keep = torch.ones(batch, length, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if position_ids is None:
         position_ids = torch.arange(length).expand(batch, length)
-    counts = {"newton_steps": 0, "clamped": 0}
+    counts = {"newton_steps": 0, "engaged": 0}
 
     def layer_norm(x, name):
         return F.layer_norm(x, (width,), weights[f"{name}.weight"], weights[f"{name}.bias"], config.layer_norm_epsilon)
@@ -109,17 +138,19 @@ def reference_logits(state_dict, config, input_ids, attention_mask=None, positio
     def linear(x, name):
         return x @ weights[f"{name}.weight"].T + weights[f"{name}.bias"]
 
-    def attention(layer, query_source, context_source):
+    def attention(layer, head_rule, query_source, context_source):
         prefix = f"transformer.h.{layer}"
         queries = linear(layer_norm(query_source, f"{prefix}.ln_1"), f"{prefix}.attn.c_attn")[..., :width]
         context = linear(layer_norm(context_source, f"{prefix}.ln_1"), f"{prefix}.attn.c_attn")
         keys, values = context[..., width : 2 * width], context[..., 2 * width :]
-        heads = torch.zeros(batch, length, width, dtype=torch.float64)
+        rows = []
         for b in range(batch):
             for t in range(length):
                 visible = [i for i in range(t + 1) if keep[b, i]]
                 if not visible:  # a padding query with no real key: its output is never used
+                    rows.append(torch.zeros(width, dtype=torch.float64))
                     continue
+                heads = []
                 for h in range(n_head):
                     cols = slice(h * head_dim, (h + 1) * head_dim)
                     q = queries[b, t, cols]
@@ -128,40 +159,50 @@ def reference_logits(state_dict, config, input_ids, attention_mask=None, positio
                     vs = [values[b, i, cols] for i in visible]
                     mu = sum(p * v for p, v in zip(probs, vs))
                     out = mu
-                    if solver in ("newton", "newton_light"):
+                    if head_rule is not None:
                         lam = weights[f"{prefix}.attn.head_rule.newton_lambda"][h]
                         sigma = sum(p * torch.outer(v - mu, v - mu) for p, v in zip(probs, vs))
-                        step = sigma @ mu if solver == "newton" else torch.diagonal(sigma) * mu
+                        step = sigma @ mu if head_rule == "newton" else torch.diagonal(sigma) * mu
                         size = torch.linalg.vector_norm(step) / torch.linalg.vector_norm(mu)
-                        bound = config.newton_step_bound
                         counts["newton_steps"] += 1
-                        counts["clamped"] += int(abs(lam) * size > bound)
-                        lam_eff = lam / math.sqrt(1 + (lam * size / bound) ** 2)
+                        counts["engaged"] += int(abs(float(lam.detach())) * float(size.detach()) > (bound or DEFAULT_STEP_BOUND))
+                        lam_eff = lam if bound is None else lam / torch.sqrt(1 + (lam * size / bound) ** 2)
                         out = mu + lam_eff * step
-                    heads[b, t, cols] = out
-        return linear(heads, f"{prefix}.attn.c_proj")
+                    heads.append(out)
+                rows.append(torch.cat(heads))
+        return linear(torch.stack(rows).view(batch, length, width), f"{prefix}.attn.c_proj")
 
     x = weights["transformer.wte.weight"][input_ids] + weights["transformer.wpe.weight"][position_ids]
-    momentum = torch.zeros_like(x)
-    for layer in range(config.n_layer):
+    velocity, history = None, []
+    for layer, (residual, head_rule) in enumerate(schedule):
         prefix = f"transformer.h.{layer}"
-        if solver in ("gd", "newton", "newton_light"):
-            x = x + attention(layer, x, x)
-        elif solver == "momentum":
-            beta = weights.get(f"{prefix}.residual_rule.momentum_beta", 0.0)  # layer 0 has none: m = 0 there
-            momentum = beta * momentum + attention(layer, x, x)
-            x = x + momentum
-        elif solver == "nag":
-            beta = weights.get(f"{prefix}.residual_rule.momentum_beta", 0.0)
-            y = x + beta * momentum
-            gradient_step = attention(layer, y, y if lookahead == "qkv" else x)
-            momentum = beta * momentum + gradient_step
-            x = x + momentum
+        beta = weights.get(f"{prefix}.residual_rule.momentum_beta")  # absent where no velocity arrives
+        assert (beta is None) == (velocity is None) or residual not in ("momentum", "nag"), (layer, residual)
+        if residual == "nag" and velocity is not None:
+            lookahead = x + beta * velocity
+            gradient_step = attention(layer, head_rule, lookahead, lookahead if config.nag_lookahead == "qkv" else x)
         else:
-            raise AssertionError(solver)
+            gradient_step = attention(layer, head_rule, x, x)
+        if residual == "gd":
+            x = x + gradient_step
+        elif residual in ("momentum", "nag"):
+            if velocity is None:
+                velocity = gradient_step
+            elif config.momentum_form == "ema":
+                velocity = beta * velocity + (1 - beta) * gradient_step
+            else:
+                velocity = beta * velocity + gradient_step
+            x = x + (layer_norm(velocity, f"{prefix}.residual_rule.velocity_norm") if config.momentum_velocity_norm else velocity)
+        elif residual == "dense":
+            alphas = weights.get(f"{prefix}.residual_rule.dense_weights", torch.zeros(0, dtype=torch.float64))
+            assert len(alphas) == len(history), (layer, len(history))  # one weight per earlier dense layer
+            x = x + gradient_step + sum((alpha * earlier for alpha, earlier in zip(alphas, history)), torch.zeros_like(x))
+            history.append(gradient_step)
+        else:
+            raise AssertionError(residual)
         x = x + linear(gelu_new(linear(layer_norm(x, f"{prefix}.ln_2"), f"{prefix}.mlp.c_fc")), f"{prefix}.mlp.c_proj")
     x = layer_norm(x, "transformer.ln_f")
-    return x @ weights["transformer.wte.weight"].T, counts["newton_steps"], counts["clamped"]
+    return x @ weights["transformer.wte.weight"].T, counts["newton_steps"], counts["engaged"]
 
 
 REFERENCE_CASES = [
@@ -171,7 +212,30 @@ REFERENCE_CASES = [
     pytest.param({"attention_solver": "newton", "lambda_scale": 0.2}, id="newton-bounded"),
     pytest.param({"attention_solver": "newton_light", "lambda_scale": 0.01}, id="newton_light-unbounded"),
     pytest.param({"attention_solver": "newton_light", "lambda_scale": 1.0}, id="newton_light-bounded"),
+    # No bound at all: the plain first-order formula, on weights where the default bound would engage.
+    pytest.param({"attention_solver": "newton", "newton_step_bound": None, "lambda_scale": 0.2}, id="newton-no-bound"),
+    pytest.param({"attention_solver": "newton_light", "newton_step_bound": None, "lambda_scale": 1.0},
+                 id="newton_light-no-bound"),
+    # Momentum options (issue 11 item 5) and the dense control (item 6).
+    pytest.param({"attention_solver": "momentum", "momentum_form": "ema"}, id="momentum-ema"),
+    pytest.param({"attention_solver": "momentum", "momentum_velocity_norm": True}, id="momentum-velocity-norm"),
+    pytest.param({"attention_solver": "nag", "nag_lookahead": "query", "momentum_form": "ema",
+                  "momentum_velocity_norm": True}, id="nag-query-ema-velocity-norm"),
+    pytest.param({"attention_solver": "dense"}, id="dense"),
+    # Compositions of a residual rule with a head rule (item 2) and per-layer schedules (item 3).
+    pytest.param({"attention_solver": "nag+newton_light"}, id="nag+newton_light"),
+    pytest.param({"attention_solver": "momentum+newton", "lambda_scale": 0.2}, id="momentum+newton"),
+    pytest.param({"attention_solver": "dense+newton_light"}, id="dense+newton_light"),
+    pytest.param({"attention_solver": ["gd", "momentum", "nag"]}, id="list-gd-momentum-nag"),
+    # The velocity crosses a gd layer unchanged; each layer has its own head rule.
+    pytest.param({"attention_solver": ["momentum", "newton", "nag+newton_light"], "lambda_scale": 0.2},
+                 id="list-momentum-newton-nag+newton_light"),
+    pytest.param({"attention_solver": ["dense", "gd", "dense+newton"], "lambda_scale": 0.2}, id="list-dense-gd-dense"),
 ]
+
+
+def has_newton_heads(config) -> bool:
+    return any(head is not None for _, head in reference_schedule(config))
 
 
 @pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
@@ -187,24 +251,56 @@ def test_solver_matches_reference_loop(case, attn):
 
     with torch.no_grad():
         logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    expected, newton_steps, clamped = reference_logits(
+    expected, newton_steps, engaged = reference_logits(
         state_dict, model.config, input_ids, attention_mask, position_ids
     )
 
     real = attention_mask.bool()
     torch.testing.assert_close(logits[real], expected[real].float(), atol=1e-5, rtol=0)
-    if case["attention_solver"].startswith("newton"):
-        # The "-bounded" cases (scale >= 0.2) exercise the step bound for some tokens, the "-unbounded" ones never.
+    if has_newton_heads(model.config):
+        # The "-unbounded" cases (scale < 0.2) never reach the bound; the others reach it for some token-heads (with
+        # `newton_step_bound=None` the default bound would engage there, and the plain formula is used instead).
         assert newton_steps > 0
-        assert (clamped > 0) == (lambda_scale >= 0.2), (clamped, newton_steps)
+        assert (engaged > 0) == (lambda_scale >= 0.2), (engaged, newton_steps)
 
-    # The solver terms are large enough to matter: the same weights with beta = lambda = 0 give other logits.
+    # The solver terms are large enough to matter: the same weights with beta = lambda = alpha = 0 give other logits.
     if case["attention_solver"] != "gd":
         with torch.no_grad():
             for tensor in solver_tensors(model).values():
                 tensor.zero_()
             plain = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
         assert (plain[real] - logits[real]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    "solver", ["newton", "newton_light", ["momentum", "newton", "nag+newton_light"]], ids=["newton", "newton_light", "list"]
+)
+def test_newton_lambda_gradient_matches_reference_where_bound_engages(solver, attn):
+    """Issue 11 item 4: the gradient of lambda is the float64 reference's autograd gradient (soft bound included) and
+    non-zero for every head, on weights where the bound engages for most token-heads (the wave-1 hard clip gave 0
+    there). On sdpa this also checks the hand-written chunked backward of the Newton correction."""
+    from energy_gpt.modeling.solvers_energy_gpt import record_solver_statistics, solver_report
+
+    model = set_solver_params(build(attn=attn, **WIDE_INIT, attention_solver=solver), lambda_scale=3.0).train()
+    input_ids = torch.randint(0, PAD, (2, 7))
+    probe = torch.randn(2, 7, model.config.vocab_size, dtype=torch.float64)
+    with record_solver_statistics(model):
+        (model(input_ids).logits.double() * probe).sum().backward()
+    engagement = [value for value in solver_report(model)["newton_bound_engagement"] if value is not None]
+    assert engagement and min(engagement) > 0.5, engagement
+
+    weights = {name: tensor.detach().double() for name, tensor in model.state_dict().items()}
+    lambda_names = [name for name in weights if name.endswith("newton_lambda")]
+    for name in lambda_names:
+        weights[name].requires_grad_(True)
+    expected, _, engaged = reference_logits(None, model.config, input_ids, weights=weights)
+    (expected * probe).sum().backward()
+    parameters = dict(model.named_parameters())
+    for name in lambda_names:
+        gradient = parameters[name].grad
+        assert gradient is not None and bool((gradient != 0).all()), (name, gradient)
+        torch.testing.assert_close(gradient.double(), weights[name].grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -219,11 +315,27 @@ def transplant_gpt2(gpt2, energy_model):
     return energy_model
 
 
+# The new options' function-preserving starts (issue 11 items 2, 3, 5, 6): dense with every alpha = 0 (`dense_init=0`),
+# the EMA momentum form at beta = 0, Newton without a bound at lambda = 0, compositions and per-layer schedules. The
+# velocity LayerNorm is not function preserving (LN(g) != g) and is documented as such: no case here.
+FUNCTION_PRESERVING_VARIANTS = [
+    pytest.param({"attention_solver": "dense", "dense_init": 0.0}, id="dense"),
+    pytest.param({"attention_solver": "momentum", "momentum_form": "ema"}, id="momentum-ema"),
+    pytest.param({"attention_solver": "nag", "nag_lookahead": "query", "momentum_form": "ema"}, id="nag-query-ema"),
+    pytest.param({"attention_solver": "newton", "newton_step_bound": None}, id="newton-no-bound"),
+    pytest.param({"attention_solver": "nag+newton_light"}, id="nag+newton_light"),
+    pytest.param({"attention_solver": "momentum+newton"}, id="momentum+newton"),
+    pytest.param({"attention_solver": ["gd", "dense", "dense+newton_light"], "dense_init": 0.0}, id="list-dense"),
+    pytest.param({"attention_solver": ["momentum", "gd", "nag+newton"]}, id="list-momentum"),
+]
+
+
 @pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
-@pytest.mark.parametrize("variant", SOLVER_VARIANTS)
+@pytest.mark.parametrize("variant", SOLVER_VARIANTS + FUNCTION_PRESERVING_VARIANTS)
 def test_zero_solver_params_give_gpt2_logits_exactly(variant, attn):
     gpt2 = GPT2LMHeadModel._from_config(tiny_gpt2_config(), attn_implementation=attn).eval()
-    model = transplant_gpt2(gpt2, build(attn=attn, momentum_beta=0.0, newton_lambda=0.0, **variant))
+    model = transplant_gpt2(gpt2, build(attn=attn, **{"momentum_beta": 0.0, "newton_lambda": 0.0, **variant}))
+    assert solver_tensors(model) or variant["attention_solver"] == "gd"  # the solver's own tensors exist, all zero
     assert all(not tensor.any() for tensor in solver_tensors(model).values())
     input_ids, attention_mask = left_padded(torch.randint(0, PAD, (2, 10)), [0, 4])
     with torch.no_grad():
