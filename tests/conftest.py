@@ -4,10 +4,20 @@ cleanly when absent). Everything runs offline."""
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Never the user's Hugging Face cache: remote-code modules, datasets and fake Hub caches of the whole session go to a
+# temporary HF_HOME (set before transformers / huggingface_hub read it at import). Tests that need their own set theirs.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="energy-gpt-tests-hf-home-")
+os.environ.pop("HF_HUB_CACHE", None)
+os.environ.pop("HF_MODULES_CACHE", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import transformers  # noqa: E402
+from packaging.version import Version  # noqa: E402
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,6 +28,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ENERGY_GPT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 SOLVERS = ["gd", "momentum", "nag", "newton", "newton_light"]
 ATTENTION_IMPLEMENTATIONS = ["eager", "sdpa"]
+# GPT-2's own eager attention divides the scores by sqrt(d) before transformers 5.4 and multiplies by the scaling from
+# 5.4 on, as EnergyGPT does: from 5.4 eager logits equal GPT2LMHeadModel's bit for bit, before only to rounding (sdpa is
+# bit-exact on every release).
+GPT2_EAGER_BIT_EXACT = Version(transformers.__version__) >= Version("5.4")
+
+
+def assert_same_as_gpt2(actual: torch.Tensor, expected: torch.Tensor, attn: str = "sdpa") -> None:
+    if attn == "eager" and not GPT2_EAGER_BIT_EXACT:
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(actual, expected), (actual - expected).abs().max()
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 TINY = dict(
