@@ -63,21 +63,38 @@ from transformers import (
 )
 
 from .. import modeling
-from ..io_utils import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..io_utils import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 from ..modeling import ATTENTION_SOLVERS, EnergyGPTConfig, EnergyGPTForCausalLM
 from .arguments import ModelArguments
-from .common import build_config, build_model, build_tokenizer, limit_samples, recipe_command, recipe_parser, setup_logging
+from .common import (
+    build_config,
+    build_model,
+    build_tokenizer,
+    limit_samples,
+    recipe_command,
+    recipe_parser,
+    setup_logging,
+)
 from .pretrain import DataTrainingArguments, build_lm_datasets, load_raw_datasets
 from .stats import (
-    PairedDifference,
-    Summary,
     loss_at_step,
     paired_difference,
     steps_to_reach,
     summarize_values,
     verdict,
 )
-from .synthetic import VALIDATION_SEED, LISTask, blind_guess_loss, build_lis_dataset, build_lis_tokenizer
+from .synthetic import (
+    VALIDATION_SEED,
+    LISTask,
+    blind_guess_loss,
+    build_lis_dataset,
+    build_lis_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -875,6 +892,7 @@ def start_output_dir(output_dir: Path, compare_args: CompareArguments) -> None:
     if output_dir.is_dir():
         for path in remove_stale_partials(output_dir):
             logger.info(f"Removed a partial file / folder of an interrupted run: {path}")
+        _remove_empty_dirs(output_dir / RUNS_DIRNAME)
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -1119,8 +1137,8 @@ def render_table(
     if reference_label is not None and reference_label in summary:
         lines += [
             "",
-            f"## Speed: steps (seconds) to reach {reference_name}'s validation loss at {' / '.join(fractions)} of its "
-            "training (mean ± sd over seeds)",
+            (f"## Speed: steps (seconds) to reach {reference_name}'s validation loss at {' / '.join(fractions)} of "
+             "its training (mean ± sd over seeds)"),
             "",
             "| solver | " + " | ".join(fractions) + " |",
             "|---|" + "---:|" * len(fractions),
@@ -1161,19 +1179,20 @@ def render_table(
                 lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "- Final / best loss: validation loss at the last step / lowest over the evaluations (every `eval_steps`); "
-        "perplexity = exp(final loss), averaged over seeds.",
-        f"- Δ vs {reference_name}: per seed, this solver's final loss minus {reference_name}'s of the same seed (same "
-        "initial weights and data order), averaged; the interval is the 95 % Student-t interval of that mean. "
-        "`better` / `worse` only when the interval excludes zero; otherwise no difference was detected at this number "
-        "of seeds (which is not evidence of no difference). One seed gives no interval and no verdict.",
-        f"- Speed: per seed, the target is {reference_name}'s validation loss at 25 / 50 / 75 / 100 % of its steps "
-        "(linearly interpolated between evaluations); a solver's steps are where its own interpolated curve first "
-        f"comes down to the target (ending within {tolerance:g} nats of it counts as reaching it at that evaluation); "
-        "seconds = steps × its mean training-step time. `faster` / `slower`: the 95 % interval of the paired "
-        "difference in steps excludes zero.",
-        "- Tokens/s: input tokens (padding included) divided by the time spent in training steps (forward, backward, "
-        "optimizer; evaluation and logging excluded); ± is the spread over seeds, which includes the machine's load.",
+        ("- Final / best loss: validation loss at the last step / lowest over the evaluations (every `eval_steps`); "
+         "perplexity = exp(final loss), averaged over seeds."),
+        (f"- Δ vs {reference_name}: per seed, this solver's final loss minus {reference_name}'s of the same seed "
+         "(same initial weights and data order), averaged; the interval is the 95 % Student-t interval of that mean. "
+         "`better` / `worse` only when the interval excludes zero; otherwise no difference was detected at this "
+         "number of seeds (which is not evidence of no difference). One seed gives no interval and no verdict."),
+        (f"- Speed: per seed, the target is {reference_name}'s validation loss at 25 / 50 / 75 / 100 % of its steps "
+         "(linearly interpolated between evaluations); a solver's steps are where its own interpolated curve first "
+         f"comes down to the target (ending within {tolerance:g} nats of it counts as reaching it at that evaluation); "
+         "seconds = steps × its mean training-step time. `faster` / `slower`: the 95 % interval of the paired "
+         "difference in steps excludes zero."),
+        ("- Tokens/s: input tokens (padding included) divided by the time spent in training steps (forward, "
+         "backward, optimizer; evaluation and logging excluded); ± is the spread over seeds, which includes the "
+         "machine's load."),
         f"- Peak memory: {memory_description}.",
         "",
     ]
@@ -1351,7 +1370,7 @@ def header_lines(
 
 
 def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
+    minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
@@ -1533,12 +1552,16 @@ def main(argv: list[str] | None = None) -> int:
             logger.info(f"[{index}/{len(plan)}] {spec.label}, seed {seed}: training ({config.n_layer} layers, "
                         f"{training_args.max_steps} steps)")
             run_dir = run_directory(output_dir, spec.dirname, seed)
-            with atomic_directory(run_dir, overwrite=True) as staging:
-                result = train_one_run(spec, seed, config, task, model_args, training_args, staging)
-                expected = run_settings(spec, seed)
-                result.update(settings=expected, settings_sha256=settings_sha256(expected))
-                _remove_empty_dirs(staging / "trainer")
-                atomic_write_json(staging / RUN_FILE, result)
+            try:
+                with atomic_directory(run_dir, overwrite=True) as staging:
+                    result = train_one_run(spec, seed, config, task, model_args, training_args, staging)
+                    expected = run_settings(spec, seed)
+                    result.update(settings=expected, settings_sha256=settings_sha256(expected))
+                    _remove_empty_dirs(staging / "trainer")
+                    atomic_write_json(staging / RUN_FILE, result)
+            except BaseException:
+                _remove_empty_dirs(run_dir.parent)  # the solver's folder, when this was to be its first run
+                raise
             finished[spec.label][seed] = result
             trained += 1
             logger.info(

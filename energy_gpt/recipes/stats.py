@@ -5,6 +5,7 @@ A curve is a list of `{"step": int, "loss": float}` points in increasing step or
 evaluation). Everything here is pure Python (plus `scipy.stats.t` for the interval), so it is easy to check by hand.
 """
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -100,7 +101,7 @@ def loss_at_step(curve: Curve, step: float) -> float:
         raise ValueError("loss_at_step: empty curve.")
     if step <= curve[0]["step"]:
         return float(curve[0]["loss"])
-    for before, after in zip(curve, curve[1:]):
+    for before, after in itertools.pairwise(curve):
         if step <= after["step"]:
             fraction = (step - before["step"]) / (after["step"] - before["step"])
             return float(before["loss"] + fraction * (after["loss"] - before["loss"]))
@@ -119,7 +120,7 @@ def steps_to_reach(curve: Curve, target: float, tolerance: float = 0.0) -> float
         return None
     if curve[0]["loss"] <= target:
         return float(curve[0]["step"])
-    for before, after in zip(curve, curve[1:]):
+    for before, after in itertools.pairwise(curve):
         if after["loss"] <= target:
             fraction = (before["loss"] - target) / (before["loss"] - after["loss"])
             return float(before["step"] + fraction * (after["step"] - before["step"]))

@@ -148,8 +148,8 @@ def build_lis_dataset(
 
 __all__ = [
     "BLIND_GUESS_SEED",
-    "LISTask",
     "VALIDATION_SEED",
+    "LISTask",
     "answer_entropy",
     "blind_guess_loss",
     "build_lis_dataset",
