@@ -517,6 +517,25 @@ def test_interrupted_comparison_resumes_without_retraining_finished_runs(tmp_pat
         compare.main([*argv, "--resume", "--learning_rate", "1e-3"])
 
 
+def test_settings_match_ignores_only_fields_added_since_at_their_default():
+    """A run made before the config gained a field (e.g. a newly registered energy's option) still matches while that
+    field keeps its default; any other difference is named."""
+    from energy_gpt.recipes.compare import default_settings, settings_differences
+
+    defaults = {"shared": {"model": {"n_layer": 12, "huber_delta": 1.0}}}
+    current = {"shared": {"model": {"n_layer": 2, "huber_delta": 1.0}}, "seed": 1}
+    stored = {"shared": {"model": {"n_layer": 2}}, "seed": 1}
+    assert settings_differences(current, stored, defaults) == []
+    changed = {"shared": {"model": {"n_layer": 2, "huber_delta": 2.0}}, "seed": 1}
+    assert settings_differences(changed, stored, defaults) == ["shared.model.huber_delta"]
+    assert settings_differences(current, {**stored, "seed": 2}, defaults) == ["seed"]
+    removed = {"shared": {"model": {"n_layer": 2, "huber_delta": 1.0, "old_field": 1}}, "seed": 1}
+    assert settings_differences(current, removed, defaults) == ["shared.model.old_field"]
+    assert settings_differences(current, stored) == ["shared.model.huber_delta"]  # without defaults: strict
+    real = default_settings()["shared"]
+    assert real["model"]["n_layer"] == 12 and real["training"]["learning_rate"] == 5e-05
+
+
 def test_compare_refuses_bad_arguments_and_keeps_existing_results(tmp_path, monkeypatch):
     from energy_gpt.recipes.compare import main
 

@@ -745,14 +745,40 @@ def settings_sha256(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def settings_differences(expected: Any, found: Any, prefix: str = "") -> list[str]:
-    """Dotted paths where two settings trees differ (for an error message a user can act on)."""
+_MISSING = object()
+
+
+def settings_differences(expected: Any, found: Any, defaults: Any = None, prefix: str = "") -> list[str]:
+    """Dotted paths where two settings trees differ (for an error message a user can act on).
+
+    A field `found` lacks is no difference when `expected` has the value `defaults` gives it: a field the config or
+    TrainingArguments gained since the run was made (a newly registered energy's options, say), left at its default,
+    cannot have changed the run.
+    """
     if isinstance(expected, dict) and isinstance(found, dict):
+        defaults = defaults if isinstance(defaults, dict) else {}
         differences = []
         for key in sorted(set(expected) | set(found), key=str):
-            differences += settings_differences(expected.get(key), found.get(key), f"{prefix}{key}.")
+            value, stored = expected.get(key, _MISSING), found.get(key, _MISSING)
+            if stored is _MISSING and value is not _MISSING and _same(value, defaults.get(key, _MISSING)):
+                continue
+            differences += settings_differences(value, stored, defaults.get(key), f"{prefix}{key}.")
         return differences
-    return [] if json.dumps(expected, default=str) == json.dumps(found, default=str) else [prefix.rstrip(".")]
+    return [] if _same(expected, found) else [prefix.rstrip(".")]
+
+
+def _same(first: Any, second: Any) -> bool:
+    if first is _MISSING or second is _MISSING:
+        return first is second
+    return json.dumps(first, sort_keys=True, default=str) == json.dumps(second, sort_keys=True, default=str)
+
+
+def default_settings() -> dict[str, Any]:
+    """What every config / TrainingArguments field is by default, laid out as the settings are."""
+    with contextlib.suppress(Exception):  # defaults only soften the check; without them it is simply strict
+        defaults = TrainingArguments(output_dir="unused", report_to="none")
+        return as_json({"shared": {"model": config_settings(EnergyGPTConfig()), "training": training_settings(defaults)}})
+    return {}
 
 
 def describe_differences(differences: list[str], limit: int = 8) -> str:
@@ -916,7 +942,8 @@ def sigterm_raises_system_exit() -> Iterator[None]:
 
 
 def load_baseline_runs(
-    baseline_dir: Path, seeds: list[int], shared: dict[str, Any], train_hashes: dict[int, str]
+    baseline_dir: Path, seeds: list[int], shared: dict[str, Any], train_hashes: dict[int, str],
+    defaults: dict[str, Any],
 ) -> dict[int, dict[str, Any]]:
     """The gd runs of an earlier comparison, one per seed, after checking that they were trained with the settings of
     this comparison (the solver aside)."""
@@ -932,6 +959,7 @@ def load_baseline_runs(
         differences = settings_differences(
             {"shared": shared, "train_data_sha256": train_hashes[seed]},
             {"shared": run["settings"]["shared"], "train_data_sha256": run["settings"]["train_data_sha256"]},
+            defaults,
         )
         if differences:
             raise ValueError(
@@ -1482,14 +1510,17 @@ def main(argv: list[str] | None = None) -> int:
                     "train_data_sha256": train_hashes[seed]}
 
         plan = [(spec, seed) for seed in seeds for spec in specs]  # interleaved: an interruption keeps whole seeds
+        defaults = default_settings()
         finished: dict[str, dict[int, dict[str, Any]]] = {spec.label: {} for spec in specs}
         for spec, seed in plan:
             existing = read_run(run_directory(output_dir, spec.dirname, seed)) if compare_args.resume else None
             if existing is None:
                 continue
             expected = run_settings(spec, seed)
+            differences = []
             if existing.get("settings_sha256") != settings_sha256(expected):
-                differences = settings_differences(expected, existing.get("settings", {}))
+                differences = settings_differences(expected, existing.get("settings", {}), defaults)
+            if differences:
                 raise ValueError(
                     f"--resume: the finished run {spec.label!r} seed {seed} in {output_dir} was trained with other "
                     f"settings (differs in {describe_differences(differences) or 'its settings hash'}); pass "
@@ -1502,7 +1533,7 @@ def main(argv: list[str] | None = None) -> int:
             reference_label = reference_spec.label
             reference_description = f"the {REFERENCE_SOLVER} runs of this comparison"
         elif compare_args.baseline_dir:
-            baseline_runs = load_baseline_runs(Path(compare_args.baseline_dir), seeds, shared, train_hashes)
+            baseline_runs = load_baseline_runs(Path(compare_args.baseline_dir), seeds, shared, train_hashes, defaults)
             reference_label = REFERENCE_SOLVER
             reference_description = (
                 f"the {REFERENCE_SOLVER} runs of --baseline_dir {compare_args.baseline_dir} (same settings and seeds)"
