@@ -23,6 +23,7 @@ from transformers import (
 
 from energy_gpt import EnergyGPTConfig, EnergyGPTForCausalLM, EnergyGPTForSequenceClassification, EnergyGPTModel
 from energy_gpt.modeling.configuration_energy_gpt import ENERGY_GPT_AUTO_MAP
+from energy_gpt.modeling.solvers_energy_gpt import record_solver_statistics, solver_report
 
 
 SOLVER_PARAM_SUFFIXES = ("momentum_beta", "newton_lambda", "dense_weights")
@@ -280,8 +281,6 @@ def test_newton_lambda_gradient_matches_reference_where_bound_engages(solver, at
     """Issue 11 item 4: the gradient of lambda is the float64 reference's autograd gradient (soft bound included) and
     non-zero for every head, on weights where the bound engages for most token-heads (the wave-1 hard clip gave 0
     there). On sdpa this also checks the hand-written chunked backward of the Newton correction."""
-    from energy_gpt.modeling.solvers_energy_gpt import record_solver_statistics, solver_report
-
     model = set_solver_params(build(attn=attn, **WIDE_INIT, attention_solver=solver), lambda_scale=3.0).train()
     input_ids = torch.randint(0, PAD, (2, 7))
     probe = torch.randn(2, 7, model.config.vocab_size, dtype=torch.float64)
@@ -294,7 +293,7 @@ def test_newton_lambda_gradient_matches_reference_where_bound_engages(solver, at
     lambda_names = [name for name in weights if name.endswith("newton_lambda")]
     for name in lambda_names:
         weights[name].requires_grad_(True)
-    expected, _, engaged = reference_logits(None, model.config, input_ids, weights=weights)
+    expected, _, _ = reference_logits(None, model.config, input_ids, weights=weights)
     (expected * probe).sum().backward()
     parameters = dict(model.named_parameters())
     for name in lambda_names:
