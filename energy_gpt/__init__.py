@@ -13,12 +13,17 @@ from transformers import (
 
 from . import modeling
 from .modeling import (
+    ATTENTION_ENERGIES,
     ATTENTION_SOLVERS,
+    LOCAL_ENERGIES,
     EnergyGPTConfig,
     EnergyGPTForCausalLM,
     EnergyGPTForSequenceClassification,
     EnergyGPTModel,
     EnergyGPTPreTrainedModel,
+    record_solver_statistics,
+    register_solver,
+    solver_report,
 )
 from .peft_utils import register_peft_target_modules
 

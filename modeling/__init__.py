@@ -7,13 +7,25 @@ from .modeling_energy_gpt import (
     EnergyGPTModel,
     EnergyGPTPreTrainedModel,
 )
-from .solvers_energy_gpt import ATTENTION_SOLVERS
+from .solvers_energy_gpt import (
+    ATTENTION_ENERGIES,
+    ATTENTION_SOLVERS,
+    LOCAL_ENERGIES,
+    record_solver_statistics,
+    register_solver,
+    solver_report,
+)
 
 __all__ = [
+    "ATTENTION_ENERGIES",
     "ATTENTION_SOLVERS",
+    "LOCAL_ENERGIES",
     "EnergyGPTConfig",
     "EnergyGPTForCausalLM",
     "EnergyGPTForSequenceClassification",
     "EnergyGPTModel",
     "EnergyGPTPreTrainedModel",
+    "record_solver_statistics",
+    "register_solver",
+    "solver_report",
 ]

@@ -81,8 +81,10 @@ def setup_logging(training_args: TrainingArguments) -> None:
     if training_args.should_log:
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    logging.getLogger("energy_gpt").setLevel(log_level)
+    # Our own progress lines stay visible on the main process whatever --log_level quiets in the libraries.
+    own_level = min(log_level, logging.INFO) if training_args.should_log else log_level
+    logger.setLevel(own_level)
+    logging.getLogger("energy_gpt").setLevel(own_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
