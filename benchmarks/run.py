@@ -48,7 +48,19 @@ from energy_gpt.io_utils import atomic_write_bytes, atomic_write_json, atomic_wr
 
 BASELINE = "gpt2"
 SOLVERS = list(solvers.ATTENTION_SOLVERS)
-MODEL_NAMES = [BASELINE, *SOLVERS]
+# The energy axis (gd steps on the linear, gated-linear and Huber energies): no GPT-2-preserving settings exist.
+ENERGIES = [name for name in solvers.ATTENTION_ENERGIES if name != "softmax"] + [
+    name for name in solvers.LOCAL_ENERGIES if solvers.LOCAL_ENERGIES[name] is not None]
+MODEL_NAMES = [BASELINE, *SOLVERS, *ENERGIES]
+
+
+def energy_fields(name: str) -> dict:
+    """Config fields of a model name: a solver, or an energy (with the gd solver)."""
+    if name in solvers.ATTENTION_ENERGIES:
+        return {"attention_energy": name}
+    if name in solvers.LOCAL_ENERGIES:
+        return {"local_energy": name}
+    return {"attention_solver": name}
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
@@ -165,9 +177,9 @@ def build_model(name: str, shape: Shape, n_positions: int, settings: Settings, g
         with settings.torch_device:  # initialise on the device (fast on a GPU), then cast
             model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
         return model.to(settings.torch_device, settings.torch_dtype)
-    config = EnergyGPTConfig(**common, attention_solver=name)
+    config = EnergyGPTConfig(**common, **energy_fields(name))
     if preserving:
-        config = EnergyGPTConfig(**common, attention_solver=name, **solvers.function_preserving_settings(config))
+        config = EnergyGPTConfig(**common, **energy_fields(name), **solvers.function_preserving_settings(config))
     with settings.torch_device:
         model = EnergyGPTForCausalLM._from_config(config, attn_implementation="sdpa")
     if gpt2_state is not None:
@@ -299,7 +311,7 @@ def generation_check(models: dict[str, torch.nn.Module], shape: Shape, n_positio
     state = models[BASELINE].state_dict()
     check = {}
     for name in models:
-        if name == BASELINE:
+        if name == BASELINE or name in ENERGIES:  # other energies compute other functions: nothing to compare
             continue
         model = build_model(name, shape, n_positions, settings, state, preserving=True)
         tokens = greedy_tokens(model, prompt_ids, shape.new_tokens, settings)
@@ -807,7 +819,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpt2_small_repeats", type=int, default=3,
                         help="Repetitions at the GPT-2 small / medium shapes, slow on CPU (default 3).")
     parser.add_argument("--scaling_repeats", type=int, default=3, help="Repetitions of the scaling study (default 3).")
-    parser.add_argument("--models", nargs="+", default=MODEL_NAMES, choices=MODEL_NAMES,
+    parser.add_argument("--models", nargs="+", default=[BASELINE, *SOLVERS], choices=MODEL_NAMES,
                         help="Models to compare (default: GPT-2 and every solver).")
     parser.add_argument("--output_dir", type=Path, default=Path(__file__).resolve().parent,
                         help="Where results.md, results.json and the PNG plots are written (default: benchmarks/).")
