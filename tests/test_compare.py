@@ -570,3 +570,24 @@ def test_compare_refuses_bad_arguments_and_keeps_existing_results(tmp_path, monk
     with pytest.raises(FileExistsError, match="holds no comparison"):
         main(["--output_dir", str(other), "--overwrite", *SHORT_BUDGET])
     assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_energies_as_an_axis_run_on_the_embedded_task(tmp_path):
+    """`--attention_energies` crosses every --solvers entry with every energy; pairs that do not exist (Newton on a
+    linear energy) are left out, the rest train and are compared against softmax gd."""
+    import json
+
+    from energy_gpt.recipes.compare import CompareArguments, main
+
+    labels = [spec.label for spec in CompareArguments(
+        solvers="gd,newton", attention_energies="softmax,linear,gated_linear").solver_specs()]
+    assert labels == ["gd", "newton", "gd:attention_energy=linear", "gd:attention_energy=gated_linear"]
+
+    output_dir = tmp_path / "energies"
+    assert main(["--output_dir", str(output_dir), "--solvers", "gd,nag", "--attention_energies",
+                 "softmax,linear,gated_linear", "--seeds", "1", *SHORT_BUDGET]) == 0
+    table = (output_dir / "comparison.md").read_text()
+    for label in ("nag:attention_energy=linear", "gd:attention_energy=gated_linear"):
+        assert f"| {label} |" in table
+    run = json.loads(next((output_dir / "runs").glob("*gated_linear*/seed-1/run.json")).read_text())
+    assert run["solver_overrides"] == {"attention_energy": "gated_linear"}

@@ -277,6 +277,13 @@ class CompareArguments:
                           "may carry its own config overrides after colons, e.g. 'momentum:momentum_form=ema'. The "
                           f"speed and verdict columns compare against {REFERENCE_SOLVER!r} (or --baseline_dir)."},
     )
+    attention_energies: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated attention energies, e.g. 'softmax,linear,gated_linear': every --solvers entry "
+                          "runs on every energy (entries on other energies get ':attention_energy=...'; pairs that do "
+                          "not exist, such as newton on a linear energy, are left out with a note). Default: the "
+                          "entries as given (softmax)."},
+    )
     seeds: str | None = field(
         default=None, metadata={"help": "Comma-separated seeds, e.g. '1,2,3' (default: --num_seeds seeds from --seed)."}
     )
@@ -351,7 +358,21 @@ class CompareArguments:
         self.lis_task()  # validates the --lis_* values early
 
     def solver_specs(self) -> list[SolverSpec]:
-        return parse_solver_specs(self.solvers)
+        if not self.attention_energies:
+            return parse_solver_specs(self.solvers)
+        entries = []
+        for energy in (name.strip() for name in self.attention_energies.split(",") if name.strip()):
+            for entry in (part.strip() for part in self.solvers.split(",") if part.strip()):
+                entry = entry if energy == "softmax" else f"{entry}:attention_energy={energy}"
+                try:
+                    parse_solver_specs(entry)
+                except ValueError as error:
+                    if "attention_energy" in str(error) and "does not exist" in str(error):
+                        logger.info(f"--attention_energies: left out {entry!r} ({error})")
+                        continue
+                    raise ValueError(f"--attention_energies {self.attention_energies!r}: {error}") from error
+                entries.append(entry)
+        return parse_solver_specs(",".join(entries))
 
     def seed_list(self, first_seed: int) -> list[int]:
         if self.seeds is None:
