@@ -139,3 +139,18 @@ def test_conversion_both_ways_and_card(toy_solver, tmp_path):
     assert "**`toy`** (ToyMHA): A learned per-layer step size" in card
     assert "x' = x + gamma_l * A(LN1(x))" in card and "`toy_gamma_init`" in card
     assert "Solver parameter `toy_gamma`" in card and "| 2 | 0.5 |" in card
+
+
+def test_compare_trains_and_reports_the_toy(toy_solver, tmp_path):
+    import json
+
+    from test_compare import SHORT_BUDGET
+
+    from energy_gpt.recipes.compare import main
+
+    assert main(["--output_dir", str(tmp_path / "cmp"), "--solvers", "gd,toy:toy_gamma_init=0.5", "--seeds", "1",
+                 *SHORT_BUDGET]) == 0
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| toy:toy_gamma_init=0.5 |" in table and "toy_gamma" in table  # trained, compared, and what it learned
+    run = json.loads(next((tmp_path / "cmp" / "runs").glob("toy*/seed-1/run.json")).read_text())
+    assert len(run["solver_report"]["parameters"]["toy_gamma"]) == 2
