@@ -22,22 +22,13 @@ from test_generation import (
     plain_loop,
     reference_run,
 )
-from test_modeling import SOLVER_PARAM_SUFFIXES
+from test_modeling import SOLVER_PARAM_SUFFIXES, one_thread  # noqa: F401 (autouse fixture)
 from torch import nn
 from transformers import DynamicCache
 
 from energy_gpt import EnergyGPTForCausalLM
 
 NEWTON_VARIANTS = ["newton", "newton_light", "nag+newton_light"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (and spin-waiting on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rule_parameter_names(model) -> list[str]:

@@ -16,7 +16,7 @@ import functools
 import pytest
 import torch
 from conftest import ATTENTION_IMPLEMENTATIONS, run_without_energy_gpt, tiny_config
-from test_modeling import WIDE_INIT, set_solver_params
+from test_modeling import WIDE_INIT, one_thread, set_solver_params  # noqa: F401 (autouse fixture)
 from transformers import PreTrainedTokenizerFast, pipeline
 
 from energy_gpt import EnergyGPTForCausalLM
@@ -43,16 +43,6 @@ VARIANTS = {
     "nag+newton_light": {"attention_solver": "nag+newton_light"},
     "list-gd-momentum-nag": {"attention_solver": ["gd", "momentum", "nag"]},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation, and its spin-waiting on a shared 2-core machine
-    made this module 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def generation_model(variant: str, attn: str = "sdpa", **overrides) -> EnergyGPTForCausalLM:

@@ -50,6 +50,16 @@ SOLVER_VARIANTS = [
 WIDE_INIT = {"initializer_range": 0.2}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation, and its spin-waiting on a shared 2-core machine
+    made these modules 5 to 10 times slower. (Modules that import this fixture get it too.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build(cls=EnergyGPTForCausalLM, attn="eager", **config_overrides):
     model = cls._from_config(tiny_config(**config_overrides), attn_implementation=attn)
     assert model.config._attn_implementation == attn
