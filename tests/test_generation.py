@@ -135,10 +135,9 @@ def test_a_broken_cache_fails_the_comparison():
     assert not torch.equal(greedy(model, prompts), expected)
 
 
-@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_left_padded_batch_equals_each_row_alone(variant, attn):
-    model = generation_model(variant, attn)
+def assert_left_padded_batch_equals_each_row_alone(model, **generate_kwargs) -> None:
+    """Three prompts of different lengths, left-padded with PAD (never a real token) into one batch: each row's
+    continuation equals the plain loop on its unpadded prompt alone."""
     torch.manual_seed(2)
     prompts = [torch.randint(0, PAD, (length,)) for length in (5, 8, 3)]
     longest = max(len(prompt) for prompt in prompts)
@@ -147,7 +146,7 @@ def test_left_padded_batch_equals_each_row_alone(variant, attn):
     for row, prompt in enumerate(prompts):
         batch_ids[row, longest - len(prompt):] = prompt
         batch_mask[row, longest - len(prompt):] = 1
-    batched = greedy(model, batch_ids, batch_mask)[:, longest:]
+    batched = greedy(model, batch_ids, batch_mask, **generate_kwargs)[:, longest:]
     for row, prompt in enumerate(prompts):
         alone = plain_loop(model, prompt.unsqueeze(0))[0][0, len(prompt):]
         assert_varied(alone)
@@ -156,11 +155,19 @@ def test_left_padded_batch_equals_each_row_alone(variant, attn):
 
 @pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
+def test_left_padded_batch_equals_each_row_alone(variant, attn):
+    assert_left_padded_batch_equals_each_row_alone(generation_model(variant, attn))
+
+
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_static_cache_generation_equals_plain_loop(variant, attn):
     """`cache_implementation="static"`: keys live in fixed-size buffers (empty slots after the prompt) and SDPA's
-    prefill mask is skipped (upper-left `is_causal`); Newton's second pass must read the same mask."""
+    prefill mask is skipped (upper-left `is_causal`); Newton's second pass must read the same mask. Unpadded and
+    left-padded."""
     model, prompts, expected, _ = reference_run(variant, attn)
     assert torch.equal(greedy(model, prompts, cache_implementation="static"), expected)
+    assert_left_padded_batch_equals_each_row_alone(model, cache_implementation="static")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
