@@ -122,6 +122,7 @@ class EnergyGPTAttention(nn.Module):
         cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         cache_index: int | None = None,
+        cache_position: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`hidden_states` gives the queries; `context_states` (default: the same) gives the keys and values.
@@ -134,7 +135,8 @@ class EnergyGPTAttention(nn.Module):
 
         if cache is not None and self.head_rule.uses_kv_cache:
             loop, layer = divmod(cache_index, self.config.n_layer)
-            key, value = _loop_cache(cache, loop).update(key, value, layer)
+            # Where the new tokens go: static caches of transformers < 5.5 need it, later releases ignore it.
+            key, value = _loop_cache(cache, loop).update(key, value, layer, {"cache_position": cache_position})
 
         if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # transformers >= 5.1
             attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -368,7 +370,9 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache()
         past_length = cache.get_seq_length() if cache is not None else 0
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        _, seq_length = self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        cache_position = torch.arange(past_length, past_length + seq_length, device=device)
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
@@ -401,6 +405,7 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
                     cache if use_cache else None,
                     causal_mask,
                     cache_index=loop * config.n_layer + block.attn.layer_idx,
+                    cache_position=cache_position,
                     key_padding_mask=key_padding_mask,
                     position_ids=position_ids,
                     **kwargs,
