@@ -17,8 +17,10 @@ from .gpt2 import (
 )
 
 
-# Options that only make sense for GPT-2 -> EnergyGPT (default None, so an explicit use can be detected).
-FORWARD_ONLY_OPTIONS = ("task", "num_labels", *solver_field_names())
+def forward_only_options() -> tuple[str, ...]:
+    """Options that only make sense for GPT-2 -> EnergyGPT (default None, so an explicit use can be detected); read
+    from the registry at call time, so solvers registered later have their flags."""
+    return ("task", "num_labels", *solver_field_names())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.to_gpt2:
-            given = [f"--{name}" for name in FORWARD_ONLY_OPTIONS if getattr(args, name) is not None]
+            given = [f"--{name}" for name in forward_only_options() if getattr(args, name) is not None]
             if given:
                 parser.error(f"{', '.join(given)} only apply to GPT-2 -> EnergyGPT; drop them with --to_gpt2.")
             output = convert_energy_gpt_checkpoint_to_gpt2(
