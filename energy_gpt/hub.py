@@ -13,6 +13,7 @@ import argparse
 import glob
 import json
 import sys
+from importlib import resources
 from pathlib import Path
 
 from huggingface_hub import HfApi, get_token
@@ -25,8 +26,10 @@ from .modeling.configuration_energy_gpt import ENERGY_GPT_AUTO_MAP
 
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
-# The model files exactly as `save_pretrained` copies them beside the weights (the flat `modeling/` folder).
-REMOTE_CODE_FILES = ("configuration_energy_gpt.py", "modeling_energy_gpt.py", "solvers_energy_gpt.py")
+# The model files exactly as `save_pretrained` copies them beside the weights: every file of the flat `modeling/` folder.
+REMOTE_CODE_FILES = tuple(sorted(
+    entry.name for entry in resources.files("energy_gpt.modeling").iterdir() if entry.name.endswith("_energy_gpt.py")
+))
 REQUIRED_AUTO_CLASSES = tuple(ENERGY_GPT_AUTO_MAP)
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

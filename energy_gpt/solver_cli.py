@@ -68,7 +68,7 @@ def solver_arguments_dataclass() -> type:
     def overrides(self) -> dict[str, Any]:
         parsed = {}
         for name in solver_field_names():
-            value = getattr(self, name)
+            value = getattr(self, name, None)  # a solver registered after this class was made has no flag here
             if value is not None:  # strings from the command line; typed values from Python pass through
                 parsed[name] = _flag_spec(name)[0](value) if isinstance(value, str) else value
         return parsed

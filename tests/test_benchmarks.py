@@ -31,14 +31,14 @@ def test_quick_benchmark_writes_report(tmp_path, capsys):
                                                     for c in check.values())
     timings = results["shapes"][0]["timings"]
     for metric in ("train", "forward", "generate"):
-        assert set(timings[metric]) == set(bench.MODEL_NAMES), metric
+        assert set(timings[metric]) == {bench.BASELINE, *bench.SOLVERS}, metric  # the default models
         for name, entry in timings[metric].items():
             assert len(entry["seconds"]) == 2 and all(s > 0 for s in entry["seconds"])
             assert entry["tokens_per_s"]["low"] <= entry["tokens_per_s"]["median"] <= entry["tokens_per_s"]["high"]
         assert timings[metric]["gpt2"]["ratio"]["median"] == 1.0
     assert sorted(map(int, results["scaling"]["forward"])) == [16, 32]
     # One memory probe per model and shape / sequence length, all non-negative.
-    assert len(results["memory"]) == len(bench.MODEL_NAMES) * 3
+    assert len(results["memory"]) == (1 + len(bench.SOLVERS)) * 3
     assert all(m["train_mib"] >= 0 and m["forward_mib"] >= 0 for m in results["memory"])
 
     # The report can be re-rendered from the JSON without measuring again.

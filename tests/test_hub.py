@@ -93,7 +93,7 @@ def test_upload_files_lists_exactly_what_loading_needs(causal_dir):
     names = [name for name, _ in files]
     assert sorted(names) == sorted([
         "config.json", "configuration_energy_gpt.py", "modeling_energy_gpt.py", "solvers_energy_gpt.py",
-        "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
+        "energies_energy_gpt.py", "newton_kernels_energy_gpt.py", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
         "all_results.json", "trainer_state.json",
     ])
     assert all(reason.strip() for _, reason in files)

@@ -30,6 +30,8 @@ def test_wheel_has_no_top_level_modeling_or_conversion(wheel):
         "energy_gpt/modeling/modeling_energy_gpt.py",
         "energy_gpt/modeling/configuration_energy_gpt.py",
         "energy_gpt/modeling/solvers_energy_gpt.py",
+        "energy_gpt/modeling/energies_energy_gpt.py",
+        "energy_gpt/modeling/newton_kernels_energy_gpt.py",
         "energy_gpt/conversion/__init__.py",
         "energy_gpt/cli.py",
     ):
@@ -60,5 +62,6 @@ print(sorted(f for f in os.listdir({str(tmp_path / "ckpt")!r}) if f.endswith(".p
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(
-        ["configuration_energy_gpt.py", "modeling_energy_gpt.py", "solvers_energy_gpt.py"]
+        ["configuration_energy_gpt.py", "energies_energy_gpt.py", "modeling_energy_gpt.py",
+         "newton_kernels_energy_gpt.py", "solvers_energy_gpt.py"]
     )
