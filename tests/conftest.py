@@ -109,8 +109,8 @@ class _Block(importlib.abc.MetaPathFinder):
             raise ImportError(f'{name} is blocked in this test process')
         return None
 sys.meta_path.insert(0, _Block())
-sys.path = [p for p in sys.path if p not in ('', '.') and not p.startswith(%r)]
-""" % str(REPO_ROOT)
+sys.path = [p for p in sys.path if p not in ('', '.', %r) and not p.startswith(%r)]
+""" % (str(REPO_ROOT), str(REPO_ROOT) + os.sep)  # the repository folder and below, not a sibling such as REPO_ROOTenv
 
 
 def run_without_energy_gpt(code: str, cwd: Path, env_extra: dict | None = None):
