@@ -72,7 +72,8 @@ def reference_heads(config, q, k, v, gate_params, keep):
 
 
 def reference_logits(model, input_ids, keep):
-    """The whole model (gd residual) in float64, from the state dict."""
+    """The whole model in float64, from the state dict: the energy's heads, then the residual rule (gd, heavy-ball
+    momentum, Nesterov with q, k, v at the lookahead point, or dense) as DESIGN.md section 2 writes it."""
     config = model.config
     w = {name: tensor.double() for name, tensor in model.state_dict().items()}
     width, n_head = config.n_embd, config.n_head
@@ -86,9 +87,13 @@ def reference_logits(model, input_ids, keep):
     def linear(h, name):
         return h @ w[f"{name}.weight"].T + w[f"{name}.bias"]
 
+    solver = config.attention_solver
+    velocity, history = None, []
     for layer in range(config.n_layer):
         prefix = f"transformer.h.{layer}"
-        qkv = linear(layer_norm(x, f"{prefix}.ln_1"), f"{prefix}.attn.c_attn")
+        beta = w.get(f"{prefix}.residual_rule.momentum_beta")
+        attn_input = x + beta * velocity if solver == "nag" and velocity is not None else x
+        qkv = linear(layer_norm(attn_input, f"{prefix}.ln_1"), f"{prefix}.attn.c_attn")
         heads = torch.zeros_like(x)
         for b in range(x.shape[0]):
             for h in range(n_head):
@@ -104,15 +109,32 @@ def reference_logits(model, input_ids, keep):
                         logit = w[f"{prefix}.attn.head_rule.gate_logit"][h]
                         gate = lambda key, logit=logit: torch.sigmoid(logit)
                 heads[b, :, cols] = reference_heads(config, q, k, v, gate, keep[b])
-        x = x + linear(heads, f"{prefix}.attn.c_proj")
+        g = linear(heads, f"{prefix}.attn.c_proj")
+        if solver in ("momentum", "nag"):
+            velocity = g if velocity is None else beta * velocity + g
+            x = x + velocity
+        elif solver == "dense":
+            alphas = w.get(f"{prefix}.residual_rule.dense_weights", torch.zeros(0, dtype=torch.float64))
+            x = x + g + sum((alpha * earlier for alpha, earlier in zip(alphas, history)), torch.zeros_like(g))
+            history.append(g)
+        else:
+            x = x + g
         x = x + linear(gelu_new(linear(layer_norm(x, f"{prefix}.ln_2"), f"{prefix}.mlp.c_fc")), f"{prefix}.mlp.c_proj")
     return layer_norm(x, "transformer.ln_f") @ w["transformer.wte.weight"].T
 
 
-@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
-@pytest.mark.parametrize("energy", ENERGIES)
-def test_energy_matches_reference_loop(energy, attn):
-    model = build(attn, **energy)
+REFERENCE_CELLS = [
+    pytest.param(energy.values[0], "gd", attn, id=f"{energy.id}-gd-{attn}")
+    for energy in ENERGIES for attn in ATTENTION_IMPLEMENTATIONS
+] + [  # every residual rule on the linear, gated-linear and Huber energies
+    pytest.param(energy.values[0], residual, "sdpa", id=f"{energy.id}-{residual}-sdpa")
+    for energy in (ENERGIES[0], ENERGIES[3], ENERGIES[5]) for residual in RESIDUALS[1:]
+]
+
+
+@pytest.mark.parametrize(("energy", "solver", "attn"), REFERENCE_CELLS)
+def test_energy_matches_reference_loop(energy, solver, attn):
+    model = build(attn, attention_solver=solver, **energy)
     if model.config.attention_energy == "gated_linear":  # gates far from 1, so the decay matters
         with torch.no_grad():
             for name, tensor in model.named_parameters():
