@@ -24,6 +24,9 @@ from .newton_kernels_energy_gpt import fused_kernels_available  # noqa: F401
 from .solvers_energy_gpt import (
     ATTENTION_ENERGIES,
     LOCAL_ENERGIES,
+    check_bool,
+    check_choice,
+    check_number_in,
     solver_config_fields,
     validate_solver_schedule,
 )
@@ -38,28 +41,9 @@ ENERGY_GPT_AUTO_MAP = {
 }
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-
-
-def _check_probability(name: str, value: Any) -> None:
-    if not _is_number(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"`{name}` must be a float in [0, 1], got {value!r}.")
-
-
-def _check_choice(name: str, value: Any, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {sorted(allowed)}, got {value!r}.")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be a bool (True or False), got {value!r}.")
 
 
 class EnergyGPTConfig(PreTrainedConfig):
@@ -192,7 +176,7 @@ class EnergyGPTConfig(PreTrainedConfig):
         if self.n_inner is not None:
             _check_positive_int("n_inner", self.n_inner)
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-            _check_probability(name, getattr(self, name))
+            check_number_in(name, 0.0, 1.0)(getattr(self, name))
         if self.add_cross_attention:
             raise ValueError("`add_cross_attention` must be False: EnergyGPT is a decoder-only model, got True.")
         if self.n_embd % self.n_head != 0:
@@ -201,9 +185,9 @@ class EnergyGPTConfig(PreTrainedConfig):
                 f"`n_embd` ({self.n_embd}) must be divisible by `n_head` ({self.n_head}); "
                 f"allowed `n_head` values for this width: {divisors}..."
             )
-        _check_bool("learn_solver_params", self.learn_solver_params)
-        _check_choice("attention_energy", self.attention_energy, ATTENTION_ENERGIES)
-        _check_choice("local_energy", self.local_energy, LOCAL_ENERGIES)
+        check_bool("learn_solver_params")(self.learn_solver_params)
+        check_choice("attention_energy", tuple(ATTENTION_ENERGIES))(self.attention_energy)
+        check_choice("local_energy", tuple(LOCAL_ENERGIES))(self.local_energy)
         for name, solver_field in solver_config_fields().items():
             solver_field.check(getattr(self, name))
         validate_solver_schedule(self)
