@@ -19,9 +19,9 @@ cache=None, cache_index=None, key_padding_mask=None, **kwargs) -> (output (B, Tq
 key / value in (B, H, T, D). The linear rules (`uses_kv_cache = False`) keep a recurrent state of fixed size per layer
 and head in the generation cache (`EnergyStateLayer`); `huber` (`uses_kv_cache = True`) reads the usual KV cache.
 
-Every class declares its config fields (`config_fields`: name, default, check, doc), its cross-field checks
-(`validate_config`) and its parameters (`parameter_names`, initialised by `init_parameters`), so the solver registry
-can plug them in without knowing their details.
+Every class declares its config fields (`config_fields`, `SolverField`s: name, default, check, doc), its cross-field
+checks (`validate_config`) and its parameters (`parameter_names`, initialised by `init_parameters`); the energies are
+registered with the solver registry at the end of this file.
 
 This file ships beside checkpoints as remote code: only `torch` / `transformers` imports at load time; the optional
 flash-linear-attention kernels (`fla`) are imported lazily, on CUDA only, and their absence (or failure) never breaks
@@ -32,81 +32,67 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
+
+from .solvers_energy_gpt import (
+    ATTENTION_ENERGIES,
+    HEAD,
+    LOCAL_ENERGIES,
+    Solver,
+    SolverField,
+    check_choice,
+    check_positive,
+    keys_visible_without_mask,
+    register_solver,
+)
 
 # --------------------------------------------------------------------------------------------------------------------
 # Config fields: name, default, check, doc. The registry turns them into `EnergyGPTConfig` attributes.
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class EnergyConfigField(NamedTuple):
-    """One config field of an energy head rule. `check(value)` raises a `ValueError` naming the field."""
-
-    name: str
-    default: Any
-    check: Callable[[Any], None]
-    doc: str
-
-
-def _choice_check(name: str, allowed: tuple[str, ...]) -> Callable[[Any], None]:
-    def check(value: Any) -> None:
-        if value not in allowed:
-            raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
-
-    return check
-
-
-def _positive_float_check(name: str) -> Callable[[Any], None]:
-    def check(value: Any) -> None:
-        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not is_number or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
-
-    return check
-
-
 LINEAR_FEATURE_MAPS = ("identity", "elu_plus_one")
 LINEAR_NORMALIZATIONS = ("none", "sum", "length")
 GATED_LINEAR_GATES = ("data", "constant")
 
-LINEAR_FEATURE_MAP = EnergyConfigField(
+LINEAR_FEATURE_MAP = SolverField(
     name="linear_feature_map",
     default="elu_plus_one",
-    check=_choice_check("linear_feature_map", LINEAR_FEATURE_MAPS),
+    check=check_choice("linear_feature_map", LINEAR_FEATURE_MAPS),
     doc="Feature map phi on queries and keys of the linear energies: `identity` (the energy as derived) or "
         "`elu_plus_one` (phi(x) = elu(x) + 1 > 0, Katharopoulos et al. 2020; a departure from the energy; default, "
         "with `linear_normalization='sum'`: see docs/energies.md).",
 )
-LINEAR_NORMALIZATION = EnergyConfigField(
+LINEAR_NORMALIZATION = SolverField(
     name="linear_normalization",
     default="sum",
-    check=_choice_check("linear_normalization", LINEAR_NORMALIZATIONS),
+    check=check_choice("linear_normalization", LINEAR_NORMALIZATIONS),
     doc="Normalisation of the linear energies' output: `none` (the energy as derived; grows with t), `sum` (divide "
         "by sum_i w_ti phi(q_t).phi(k_i) + eps; needs `linear_feature_map='elu_plus_one'`) or `length` (divide by the "
         "total weight sum_i w_ti of the tokens seen, = t for `linear`). Default `sum`: see docs/energies.md.",
 )
-GATED_LINEAR_GATE = EnergyConfigField(
+GATED_LINEAR_GATE = SolverField(
     name="gated_linear_gate",
     default="data",
-    check=_choice_check("gated_linear_gate", GATED_LINEAR_GATES),
+    check=check_choice("gated_linear_gate", GATED_LINEAR_GATES),
     doc="Decay gate of `gated_linear`: `data` (GLA-style, g_t = sigmoid(k_t . w_h + b_h)^(1/gate_temperature) per "
         "head, from the head's key) or `constant` (RetNet-style, a learned g_h = sigmoid(a_h) per head).",
 )
-GATED_LINEAR_GATE_TEMPERATURE = EnergyConfigField(
+GATED_LINEAR_GATE_TEMPERATURE = SolverField(
     name="gated_linear_gate_temperature",
     default=16.0,
-    check=_positive_float_check("gated_linear_gate_temperature"),
+    check=check_positive("gated_linear_gate_temperature"),
     doc="Temperature tau of the data-dependent gate, log g_t = logsigmoid(k_t . w_h + b_h) / tau (GLA uses 16): a "
         "larger tau keeps the gates closer to 1 (longer memory). Unused by the constant gate.",
 )
-HUBER_DELTA = EnergyConfigField(
+HUBER_DELTA = SolverField(
     name="huber_delta",
     default=1.0,
-    check=_positive_float_check("huber_delta"),
+    check=check_positive("huber_delta"),
     doc="Threshold delta of the Huber local energy rho_delta (`local_energy='huber'`): quadratic (elastic) for "
         "||q - k_i|| <= delta, linear beyond. delta -> infinity gives back the elastic energy.",
 )
@@ -436,7 +422,7 @@ class LinearHeads(nn.Module):
     """
 
     uses_kv_cache = False
-    config_fields: tuple[EnergyConfigField, ...] = (LINEAR_FEATURE_MAP, LINEAR_NORMALIZATION)
+    config_fields: tuple[SolverField, ...] = (LINEAR_FEATURE_MAP, LINEAR_NORMALIZATION)
     parameter_names: tuple[str, ...] = ()
 
     def __init__(self, config, layer_idx: int):
@@ -619,7 +605,7 @@ class HuberHeads(nn.Module):
     """
 
     uses_kv_cache = True
-    config_fields: tuple[EnergyConfigField, ...] = (HUBER_DELTA,)
+    config_fields: tuple[SolverField, ...] = (HUBER_DELTA,)
     parameter_names: tuple[str, ...] = ()
 
     def __init__(self, config, layer_idx: int):
@@ -649,12 +635,9 @@ class HuberHeads(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         scaling = kwargs.get("scaling", attention.scaling)
         dropout = kwargs.get("dropout", 0.0)
-        if attention_mask is None and 1 < query.shape[2] < key.shape[2]:
-            # transformers skipped the mask and relies on SDPA's upper-left `is_causal` (a static cache's prefill, whose
-            # later slots are empty): only the first Tq keys are visible (as `solvers_energy_gpt.
-            # keys_visible_without_mask`), which the lower-right causal rule then reads right.
-            key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
-            key_padding_mask = None if key_padding_mask is None else key_padding_mask[:, : query.shape[2]]
+        key, value = keys_visible_without_mask(key, value, attention_mask, query.shape[2])
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask[:, : key.shape[2]]
         q, k, v = query.float(), key.float(), value.float()
         delta, delta_squared = self.delta, self.delta**2
         squared_distances = (
@@ -680,9 +663,31 @@ ENERGY_HEAD_RULES: dict[str, type[nn.Module]] = {
     "huber": HuberHeads,
 }
 
+# The registry lines: the energies' plain gradient steps, and the robust local energy.
+register_solver(Solver(
+    "linear", HEAD, LinearHeads, "unnormalised linear attention",
+    "The linear energy e_i = -z.v_i with F = -1/2 sum_i e_i^2: its gradient step is causal linear attention "
+    "(chunked in training, a fixed-size recurrent state per head in generation).",
+    update_rule="per head: o_t = sum_{i<=t} (phi(q_t) . phi(k_i)) v_i  (/ normaliser, see linear_normalization)",
+    fields=LinearHeads.config_fields,
+), registry=ATTENTION_ENERGIES)
+register_solver(Solver(
+    "gated_linear", HEAD, GatedLinearHeads, "gated linear attention",
+    "The position-discounted linear energy: linear attention whose contributions decay by per-head gates g_j "
+    "(data-dependent, GLA-style, or learned constants, RetNet-style).",
+    update_rule="per head: o_t = sum_{i<=t} (prod_{j=i+1..t} g_j) (phi(q_t) . phi(k_i)) v_i",
+    fields=GatedLinearHeads.config_fields,
+), registry=ATTENTION_ENERGIES)
+register_solver(Solver(
+    "huber", HEAD, HuberHeads, "robust (Huber) local energy",
+    "Softmax attention's free energy with Huber local energies rho_delta(||z - v_i||): far anchors get clipped pulls "
+    "(eager path, T x S memory).",
+    update_rule="per head: p_ti ~ exp(-rho_delta(||q_t - k_i||) scaling);  o_t = sum_i p_ti min(1, delta/||q_t - k_i||) v_i",
+    fields=HuberHeads.config_fields,
+), registry=LOCAL_ENERGIES)
+
 __all__ = [
     "ENERGY_HEAD_RULES",
-    "EnergyConfigField",
     "EnergyStateLayer",
     "GatedLinearHeads",
     "HuberHeads",

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .energies_energy_gpt import GatedLinearHeads, HuberHeads, LinearHeads
 from .newton_kernels_energy_gpt import fused_kernels_available, light_second_moment, newton_second_moments
 
 
@@ -253,6 +252,14 @@ def check_finite(name: str):
     def check(value: Any) -> None:
         if not _is_number(value) or not math.isfinite(value):
             raise ValueError(f"`{name}` must be a finite float, got {value!r}.")
+
+    return check
+
+
+def check_positive(name: str):
+    def check(value: Any) -> None:
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
 
     return check
 
@@ -728,34 +735,6 @@ register_solver(Solver(
 ), registry=ATTENTION_ENERGIES)
 
 
-def _energy_fields(rule: type[nn.Module]) -> tuple[SolverField, ...]:
-    """The energies declare their fields with the rule (no GPT-2 value: no linear or robust energy computes GPT-2)."""
-    return tuple(SolverField(f.name, f.default, f.check, f.doc) for f in rule.config_fields)
-
-
-register_solver(Solver(
-    "linear", HEAD, LinearHeads, "unnormalised linear attention",
-    "The linear energy e_i = -z.v_i with F = -1/2 sum_i e_i^2: its gradient step is causal linear attention "
-    "(chunked in training, a fixed-size recurrent state per head in generation).",
-    update_rule="per head: o_t = sum_{i<=t} (phi(q_t) . phi(k_i)) v_i  (/ normaliser, see linear_normalization)",
-    fields=_energy_fields(LinearHeads),
-), registry=ATTENTION_ENERGIES)
-register_solver(Solver(
-    "gated_linear", HEAD, GatedLinearHeads, "gated linear attention",
-    "The position-discounted linear energy: linear attention whose contributions decay by per-head gates g_j "
-    "(data-dependent, GLA-style, or learned constants, RetNet-style).",
-    update_rule="per head: o_t = sum_{i<=t} (prod_{j=i+1..t} g_j) (phi(q_t) . phi(k_i)) v_i",
-    fields=_energy_fields(GatedLinearHeads),
-), registry=ATTENTION_ENERGIES)
-register_solver(Solver(
-    "huber", HEAD, HuberHeads, "robust (Huber) local energy",
-    "Softmax attention's free energy with Huber local energies rho_delta(||z - v_i||): far anchors get clipped pulls "
-    "(eager path, T x S memory).",
-    update_rule="per head: p_ti ~ exp(-rho_delta(||q_t - k_i||) scaling);  o_t = sum_i p_ti min(1, delta/||q_t - k_i||) v_i",
-    fields=_energy_fields(HuberHeads),
-), registry=LOCAL_ENERGIES)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Building and reporting
 # ---------------------------------------------------------------------------------------------------------------------
@@ -892,6 +871,7 @@ __all__ = [
     "check_choice",
     "check_finite",
     "check_number_in",
+    "check_positive",
     "SolverParameter",
     "attention_probabilities",
     "layer_solver_names",

@@ -4,9 +4,7 @@ Head-rule level, with a tiny stand-in for the attention module (model-level test
 loaded from its file, as remote code loads it, which also checks that it needs nothing but torch and transformers.
 """
 
-import importlib.util
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,10 +13,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config
 from transformers.cache_utils import DynamicCache, StaticCache
 
-_PATH = Path(__file__).resolve().parents[1] / "modeling" / "energies_energy_gpt.py"
-_SPEC = importlib.util.spec_from_file_location("energies_energy_gpt_under_test", _PATH)
-energies = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(energies)
+import energy_gpt.modeling.energies_energy_gpt as energies
 
 B, H, D = 2, 3, 8
 SCALING = D**-0.5
