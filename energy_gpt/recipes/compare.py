@@ -270,9 +270,10 @@ def parse_solver_specs(text: str) -> list[SolverSpec]:
 class CompareArguments:
     """What to compare, how many seeds, where to resume from, and the shape of the embedded synthetic task."""
 
-    solvers: str = field(
-        default=",".join(ATTENTION_SOLVERS),
-        metadata={"help": "Comma-separated solvers to train, in this order: any `attention_solver` the config accepts "
+    solvers: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated solvers to train, in this order (default: every registered solver, read "
+                          "when the comparison starts): any `attention_solver` the config accepts "
                           f"(registered: {list(ATTENTION_SOLVERS)}, compositions such as 'nag+newton_light'). An entry "
                           "may carry its own config overrides after colons, e.g. 'momentum:momentum_form=ema'. The "
                           f"speed and verdict columns compare against {REFERENCE_SOLVER!r} (or --baseline_dir)."},
@@ -357,12 +358,15 @@ class CompareArguments:
             raise ValueError(f"--num_validation_examples must be a positive integer, got {self.num_validation_examples}.")
         self.lis_task()  # validates the --lis_* values early
 
+    def solver_entries(self) -> str:
+        return ",".join(ATTENTION_SOLVERS) if self.solvers is None else self.solvers
+
     def solver_specs(self) -> list[SolverSpec]:
         if not self.attention_energies:
-            return parse_solver_specs(self.solvers)
+            return parse_solver_specs(self.solver_entries())
         entries = []
         for energy in (name.strip() for name in self.attention_energies.split(",") if name.strip()):
-            for entry in (part.strip() for part in self.solvers.split(",") if part.strip()):
+            for entry in (part.strip() for part in self.solver_entries().split(",") if part.strip()):
                 entry = entry if energy == "softmax" else f"{entry}:attention_energy={energy}"
                 try:
                     parse_solver_specs(entry)
