@@ -1,7 +1,8 @@
-"""EnergyGPT: energy-based attention solvers (gd, momentum, nag, newton, newton_light) as a transformers model family.
+"""EnergyGPT: energy-based attention solvers (see `ATTENTION_SOLVERS`) as a transformers model family.
 
 Importing this package registers the classes with the Auto factories, and EnergyGPT's default adapter targets with
-PEFT when it is installed (`energy_gpt.peft_utils`).
+PEFT when it is installed (`energy_gpt.peft_utils`). A new solver is declared with `Solver`, `SolverField` and
+`SolverParameter` and added with `register_solver` (docs/solvers.md, "Adding a solver").
 """
 
 from transformers import (
@@ -25,6 +26,7 @@ from .modeling import (
     register_solver,
     solver_report,
 )
+from .modeling.solvers_energy_gpt import Solver, SolverField, SolverParameter
 from .peft_utils import register_peft_target_modules
 
 
@@ -38,4 +40,4 @@ AutoModelForSequenceClassification.register(EnergyGPTConfig, EnergyGPTForSequenc
 # PEFT's default adapter targets for `energy_gpt` (so `LoraConfig(task_type=...)` alone works); a no-op without PEFT.
 register_peft_target_modules()
 
-__all__ = [*modeling.__all__, "__version__"]
+__all__ = [*modeling.__all__, "Solver", "SolverField", "SolverParameter", "__version__"]
