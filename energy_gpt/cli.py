@@ -21,11 +21,68 @@ COMMANDS = {
 }
 
 
+# Modules that register solvers (or energies) with the registry, loaded before every command: the entry points of
+# this group (`[project.entry-points."energy_gpt.plugins"]` in a package's pyproject.toml), then each `--plugin`.
+PLUGIN_ENTRY_POINT_GROUP = "energy_gpt.plugins"
+
+
 def _usage() -> str:
-    lines = ["usage: energy-gpt <command> [options]", "", "commands:"]
+    lines = ["usage: energy-gpt <command> [--plugin MODULE ...] [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
-    lines += ["", "Run `energy-gpt <command> --help` for the options of a command."]
+    lines += [
+        "",
+        "Run `energy-gpt <command> --help` for the options of a command (with the same --plugin options, to see the",
+        "flags of a plugin's solvers). `--plugin MODULE` (repeatable, any command) imports MODULE first, so the",
+        f"solvers it registers work like built-in ones; so do the entry points of the {PLUGIN_ENTRY_POINT_GROUP!r} group.",
+    ]
     return "\n".join(lines)
+
+
+class PluginError(Exception):
+    """A plugin module that cannot be loaded; the message is one line for the user."""
+
+
+def split_plugin_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(`--plugin` modules, the other arguments): `--plugin a --plugin=b rest` -> (["a", "b"], ["rest"])."""
+    plugins, rest = [], []
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument == "--plugin":
+            module = next(arguments, None)
+            if module is None or module.startswith("-"):
+                raise PluginError("--plugin needs a module name, e.g. --plugin my_solvers")
+            plugins.append(module)
+        elif argument.startswith("--plugin="):
+            plugins.append(argument.split("=", 1)[1])
+        else:
+            rest.append(argument)
+    return plugins, rest
+
+
+def load_plugins(modules: list[str]) -> None:
+    """Import every entry point of `energy_gpt.plugins`, then each named module (which registers its solvers)."""
+    from importlib.metadata import entry_points
+
+    for entry_point in entry_points(group=PLUGIN_ENTRY_POINT_GROUP):
+        try:
+            entry_point.load()
+        except Exception as error:
+            raise PluginError(
+                f"cannot load plugin entry point {entry_point.name!r} ({entry_point.value}): "
+                f"{type(error).__name__}: {error}"
+            ) from error
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name is None or not (module == error.name or module.startswith(error.name + ".")):
+                # The plugin exists but something it imports does not.
+                raise PluginError(f"plugin {module!r} failed to import: {type(error).__name__}: {error}") from error
+            raise PluginError(
+                f"cannot import plugin {module!r}: no module named {error.name!r} (is its folder on PYTHONPATH?)"
+            ) from error
+        except Exception as error:  # one line for the user; `python -c "import <module>"` shows the traceback
+            raise PluginError(f"plugin {module!r} failed to import: {type(error).__name__}: {error}") from error
 
 
 def is_main_process() -> bool:
@@ -80,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"energy-gpt: unknown command {command!r}; choose one of {', '.join(COMMANDS)}.\n", file=sys.stderr)
         print(_usage(), file=sys.stderr)
+        return 2
+    try:
+        plugins, rest = split_plugin_arguments(rest)
+        load_plugins(plugins)  # before the command's module: its flags are generated from the registry on import
+    except PluginError as error:
+        print(f"energy-gpt {command}: {error}", file=sys.stderr)
         return 2
     configure_logging()
     module = importlib.import_module(COMMANDS[command][0])

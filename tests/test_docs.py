@@ -1,10 +1,12 @@
 """Documentation that cannot go stale: the solver / energy tables are what the registry renders, the "Adding a solver"
 section of docs/solvers.md runs as written, and the project's files speak of the project only."""
 
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT
 
@@ -53,3 +55,62 @@ def test_tables_follow_the_registry():
     assert render_document(f"before\n{marked}\nafter") == f"before\n{marked.replace('old', solver_table().rstrip())}\nafter"
     with pytest.raises(ValueError, match="unknown generated table 'nope'"):
         render_document(marked.replace("solvers", "nope"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# "Adding a solver" in docs/solvers.md, word for word
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def doc_section_code(path, heading: str) -> list[str]:
+    """The ```python blocks of one `## heading` section, in order."""
+    text = path.read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+
+
+@pytest.fixture
+def documented_solver():
+    """Runs the section's code blocks in one fresh module namespace (the user's `my_solvers.py`, then their script);
+    yields (the names it registered, the namespace); unregisters them afterwards."""
+    from energy_gpt import ATTENTION_SOLVERS
+
+    blocks = doc_section_code(REPO_ROOT / "docs" / "solvers.md", "Adding a solver")
+    assert len(blocks) >= 2, "the section shows the rule and its declaration as code"
+    before = set(ATTENTION_SOLVERS)
+    namespace = {"__name__": "my_solvers"}
+    try:
+        for block in blocks:
+            exec(compile(block, "docs/solvers.md", "exec"), namespace)
+        yield sorted(set(ATTENTION_SOLVERS) - before), namespace
+    finally:
+        for name in set(ATTENTION_SOLVERS) - before:
+            del ATTENTION_SOLVERS[name]
+
+
+def test_adding_a_solver_runs_as_documented(documented_solver):
+    from energy_gpt import ATTENTION_SOLVERS, EnergyGPTConfig, EnergyGPTForCausalLM
+    from energy_gpt.modeling.solvers_energy_gpt import function_preserving_settings
+
+    names, namespace = documented_solver
+    assert len(names) == 1, f"the section registers one solver, got {names}"
+    solver = ATTENTION_SOLVERS[names[0]]
+    assert torch.isfinite(namespace["logits"]).all()  # the section's own model ran its forward
+    assert namespace["config"].attention_solver == solver.name
+    # Every declared field is a validated config field with its declared default.
+    config = EnergyGPTConfig(n_layer=2, n_embd=32, n_head=2, attention_solver=solver.name)
+    for field in solver.fields:
+        assert getattr(config, field.name) == field.default
+        with pytest.raises(ValueError, match=f"`{field.name}`"):
+            EnergyGPTConfig(attention_solver=solver.name, **{field.name: "not a valid value"})
+    # At the declared GPT-2 values the new solver computes what `gd` computes with the same weights.
+    settings = function_preserving_settings(config)
+    torch.manual_seed(0)
+    gd = EnergyGPTForCausalLM(EnergyGPTConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=50)).eval()
+    new = EnergyGPTForCausalLM(EnergyGPTConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=50,
+                                               attention_solver=solver.name, **settings)).eval()
+    missing, unexpected = new.load_state_dict(gd.state_dict(), strict=False)
+    assert not unexpected and all(solver.name in key or "rule" in key for key in missing)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(new(ids).logits, gd(ids).logits, rtol=0, atol=1e-6)
