@@ -125,6 +125,44 @@ def run_without_energy_gpt(code: str, cwd: Path, env_extra: dict | None = None):
     return result
 
 
+# Loads each folder given on the command line with AutoTokenizer and reports any remote-code prompt (transformers asks
+# through `input`, and turns its failure into "no" by itself, so the prompt is recorded rather than raised).
+TOKENIZER_PROBE = """
+import builtins, sys, time
+def prompted(*args, **kwargs):
+    print("PROMPTED", str(args[:1])[:200], flush=True)
+    raise EOFError
+builtins.input = prompted
+{import_package}
+from transformers import AutoTokenizer
+for folder in sys.argv[1:]:
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(folder{options})
+    assert tokenizer.pad_token is not None and tokenizer.pad_token == tokenizer.eos_token, tokenizer
+    print("LOADED", type(tokenizer).__name__, round(time.perf_counter() - start, 2), flush=True)
+"""
+
+
+def assert_autotokenizer_loads_without_a_prompt(*folders: Path) -> None:
+    """Checkpoint folders load their tokenizer in a fresh process (offline, stdin closed) with no custom-code prompt
+    and fast: with `import energy_gpt`, plain `AutoTokenizer.from_pretrained(folder)`; without the package (a Hub
+    user), `AutoTokenizer.from_pretrained(folder, trust_remote_code=False)`. Without either, transformers 5 reads
+    config.json's `auto_map` before the tokenizer files and asks whether to run the model's code."""
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for prefix, import_package, options in (("", "import energy_gpt", ""),
+                                            (BLOCK_ENERGY_GPT, "", ", trust_remote_code=False")):
+        code = prefix + TOKENIZER_PROBE.format(import_package=import_package, options=options)
+        result = subprocess.run([sys.executable, "-c", code, *map(str, folders)], capture_output=True, text=True,
+                                env=env, timeout=120, stdin=subprocess.DEVNULL, cwd=Path(folders[0]).parent)
+        assert result.returncode == 0, result.stderr[-4000:]
+        output = result.stdout + result.stderr
+        assert "PROMPTED" not in output and "Do you wish to run the custom code" not in output, output[-2000:]
+        seconds = [float(line.split()[-1]) for line in result.stdout.splitlines() if line.startswith("LOADED")]
+        assert len(seconds) == len(folders) and max(seconds) < 10, result.stdout  # the prompt alone waits 15 s
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -3,7 +3,6 @@ by default, `--help` pages that say which command they belong to, `make` that in
 with a pad token (batched pipelines and a `run_glue.py`-style script work out of the box), and a tokenizer that loads
 without the custom-code prompt. Offline; the real GPT-2 tokenizer variants skip without ../shared/data."""
 
-import builtins
 import json
 import os
 import shutil
@@ -16,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_without_energy_gpt, tiny_gpt2_config
+from conftest import (REPO_ROOT, assert_autotokenizer_loads_without_a_prompt, run_without_energy_gpt,
+                      tiny_gpt2_config)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -294,41 +294,17 @@ def test_run_glue_style_script_fine_tunes_a_converted_checkpoint_with_remote_cod
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-TOKENIZER_WITHOUT_PACKAGE = """
-import builtins
-def no_prompt(*args, **kwargs):
-    raise AssertionError("prompted: " + str(args[:1]))
-builtins.input = no_prompt
-from transformers import AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained({folder!r}, trust_remote_code=False)
-assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>", tokenizer
-print("IDS", tokenizer(["the cat", "dog"], padding=True)["input_ids"])
-"""
-
-
-def test_autotokenizer_loads_the_saved_tokenizer_without_a_prompt(tmp_path, monkeypatch):
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
+def test_autotokenizer_loads_a_converted_checkpoint_without_a_prompt(gpt2_source, tmp_path):
+    """GPT-2's tokenizer saved beside the model has no `auto_map` of its own; in a fresh process it loads with no
+    custom-code prompt (see `assert_autotokenizer_loads_without_a_prompt` for the two ways)."""
     from energy_gpt.conversion import convert_gpt2_checkpoint
 
-    source = build_word_tokenizer(tmp_path / "gpt2")
-    GPT2LMHeadModel(tiny_gpt2_config()).save_pretrained(source)
-    folder = convert_gpt2_checkpoint(source, tmp_path / "energy", attention_solver="momentum")
-    assert "auto_map" not in json.loads((folder / "tokenizer_config.json").read_text())
-
-    def no_prompt(*args, **kwargs):
-        raise AssertionError(f"AutoTokenizer asked: {args[:1]}")
-
-    monkeypatch.setattr(builtins, "input", no_prompt)
-    # With energy_gpt imported (as here): no flag at all.
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    expected = tokenizer(["the cat", "dog"], padding=True)["input_ids"]
-    assert expected == [[1, 9], [10, 0]]
-    # Without the package (a Hub user): config.json's auto_map is what AutoTokenizer would ask about (it reads the
-    # model config first); trust_remote_code=False loads GPT-2's tokenizer with no prompt and runs no code.
-    result = run_without_energy_gpt(TOKENIZER_WITHOUT_PACKAGE.format(folder=str(folder)), cwd=tmp_path)
-    assert f"IDS {expected}" in result.stdout
-    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+    source, kind = gpt2_source
+    folders = [convert_gpt2_checkpoint(source, tmp_path / solver, attention_solver=solver)
+               for solver in ("momentum", "newton_light")]
+    for folder in folders:
+        assert "auto_map" not in json.loads((folder / "tokenizer_config.json").read_text())
+    assert_autotokenizer_loads_without_a_prompt(*folders)
 
 
 def test_hub_docs_and_card_load_the_tokenizer_without_the_prompt():

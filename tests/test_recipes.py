@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data_path
+from conftest import assert_autotokenizer_loads_without_a_prompt, shared_data_path
 
 TINY_OVERRIDES = "n_layer=2,n_embd=32,n_head=4,n_positions=64,resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0"
 TINY_VOCAB = 320  # the tiny BPE tokenizer's vocabulary
@@ -291,6 +291,7 @@ def test_pretrain_saves_a_tokenizer_and_config_with_a_pad_token(tmp_path, local_
     alone = [generator(prompt, max_new_tokens=4, do_sample=False)[0]["generated_text"] for prompt in prompts]
     together = [out[0]["generated_text"] for out in generator(prompts, max_new_tokens=4, do_sample=False, batch_size=2)]
     assert together == alone
+    assert_autotokenizer_loads_without_a_prompt(output_dir)
 
 
 def test_pretrain_streams_a_jsonl_file(tmp_path, local_tokenizer_dir, local_text_files):
@@ -360,6 +361,8 @@ def test_glue_writes_the_task_metrics(tmp_path, gpt2_tokenizer_dir, task):
     assert config["id2label"] == {str(i): name for i, name in enumerate(glue.TASK_LABEL_NAMES[task])}
     assert config["finetuning_task"] == task
     assert config["auto_map"]["AutoModelForSequenceClassification"].endswith("EnergyGPTForSequenceClassification")
+    if task == "sst2":  # the checkpoint's folder is the same for every task
+        assert_autotokenizer_loads_without_a_prompt(output_dir)
 
 
 def test_glue_mnli_from_the_hub_evaluates_matched_and_mismatched(tmp_path, monkeypatch, gpt2_tokenizer_dir):
