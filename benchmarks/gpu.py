@@ -1,4 +1,4 @@
-"""Every GPU measurement issue 14's targets need, in one call (about 8 minutes on one H100), written to
+"""Every GPU measurement the GPU targets need, in one call (about 8 minutes on one H100), written to
 `benchmarks/results-gpu.md` (and the raw numbers to `benchmarks/gpu/`).
 
     bash benchmarks/gpu.sh            # or: python -m benchmarks.gpu [--budget_s 480]
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------------------------------------- report
 def _targets_table(data: dict) -> list[str]:
-    """Issue 14's targets per T: training-step and decoding ratios, training-memory ratio, memory slope in T."""
+    """The GPU targets per T: training-step and decoding ratios, training-memory ratio, memory slope in T."""
     from benchmarks import run
 
     stages = data["stages"]
@@ -212,7 +212,7 @@ def render(data: dict, elapsed: float) -> str:
         lines += ["## 1. Fused kernels against the PyTorch reference on this GPU\n",
                   kernels.render_check(stages["kernel_check"])]
     if any(key.startswith("models_") for key in stages):
-        lines += ["## Targets (issue 14: bf16, GPT-2 small width, ratios to GPT-2 in the same run, median [spread])\n"]
+        lines += ["## Targets (bf16, GPT-2 small width, ratios to GPT-2 in the same run, median [spread])\n"]
         lines += _targets_table(data) + [""]
     for name, seq_len, batch in RUNS:
         if isinstance(stages.get(f"models_{name}"), dict):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared one-call GPU benchmark (issue 14): fused-kernel check on the GPU first, then bf16 GPT-2 small width at
+# The prepared one-call GPU benchmark: fused-kernel check on the GPU first, then bf16 GPT-2 small width at
 # T = 1024 and 4096 (training step, decoding, peak memory, every solver and GPT-2), memory scaling to T = 8192, the
 # kernels against the PyTorch path. About 8 minutes on one H100; writes benchmarks/results-gpu.md and benchmarks/gpu/.
 # Usage: bash benchmarks/gpu.sh [--budget_s 480] [--repeats 5]

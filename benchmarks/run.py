@@ -504,7 +504,7 @@ def machine_info(settings: Settings | None = None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- reports
-# Issue 14's targets, ratios to GPT-2 in the same run (meant for one GPU in bf16 at GPT-2 small width, T = 1024 and
+# The GPU targets, ratios to GPT-2 in the same run (meant for one GPU in bf16 at GPT-2 small width, T = 1024 and
 # 4096): minimum training-step speed, minimum decoding speed, maximum training-memory ratio (and linear in T).
 TARGETS = {
     "gd": {"train": 1.0, "generate": 0.9, "memory": 1.1},
@@ -665,7 +665,7 @@ def render_markdown(results: dict) -> str:
 
 
 def render_targets(results: dict, memory: dict) -> str:
-    """Which of issue 14's targets are met, judged on the largest shape measured, on this run's device and dtype."""
+    """Which of the GPU targets are met, judged on the largest shape measured, on this run's device and dtype."""
     if not results["shapes"]:
         return ""
     settings = _settings_of(results)
@@ -678,7 +678,7 @@ def render_targets(results: dict, memory: dict) -> str:
         return shape["name"], shape["seq_len"], shape["batch_size"], name
 
     base_mem = memory.get(key(BASELINE))
-    lines = [f"## Targets (issue 14; judged on {'GPU' if settings.is_cuda else 'CPU'}, {settings.dtype}, shape "
+    lines = [f"## Targets (judged on {'GPU' if settings.is_cuda else 'CPU'}, {settings.dtype}, shape "
              f"`{shape['name']}` T={shape['seq_len']}, median ratios)\n",
              "The targets are set for one GPU in bf16 at GPT-2 small width; other devices only show the direction.\n",
              "| solver | target | measured (train / generate; train memory) | met? | why |",

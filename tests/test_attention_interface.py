@@ -1,4 +1,4 @@
-"""Attention through transformers' standard interface (issue 15): a backend that plugs its own attention function in
+"""Attention through transformers' standard interface: a backend that plugs its own attention function in
 (as vLLM's transformers backend does) serves every solver. gd / momentum / nag / dense only change the residual stream,
 so every attention call goes through the registered function; the Newton heads take mu from it too (newton_light also
 its second pass, with values v*v) and read the probabilities they need for Sigma themselves."""

@@ -56,7 +56,7 @@ def test_quick_benchmark_writes_report(tmp_path, capsys):
 
     data = {"command": "test", "machine": results["machine"], "stages": {"models_T1024": results}}
     gpu_report = gpu.render(data, elapsed=1.0)
-    assert "## Targets (issue 14" in gpu_report
+    assert "## Targets (bf16, GPT-2 small width" in gpu_report
     for name in bench.TARGETS:
         assert f"| {name} | 32 |" in gpu_report  # one targets row per solver at the run's T
 

@@ -1,5 +1,5 @@
 """A checkpoint saved under one end of the supported transformers range loads and generates the same tokens under the
-other end (issue 10). CI sets `ENERGY_GPT_OTHER_PYTHON` to the interpreter of its second environment (the oldest
+other end. CI sets `ENERGY_GPT_OTHER_PYTHON` to the interpreter of its second environment (the oldest
 declared transformers release, see `.ci/run`); without it these tests skip."""
 
 import json

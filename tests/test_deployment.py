@@ -1,4 +1,4 @@
-"""Where users run the model (issue 10): accelerate's device_map with CPU and disk offload, torch.compile with
+"""Where users run the model: accelerate's device_map with CPU and disk offload, torch.compile with
 fullgraph, no host sync per forward, Newton heads with attention dropout, and bf16 / fp16.
 
 Every solver variant of `test_generation.VARIANTS` (non-zero solver parameters, wide weights) runs each check.
@@ -175,7 +175,7 @@ def test_compile_aot_autograd_traces_newton_chunked_backward(dynamo):
 
 @pytest.mark.parametrize("variant", ["nag+newton_light", "dense", "momentum-ema-velocity-norm"])
 def test_compile_fullgraph_with_fixed_solver_params(variant, dynamo):
-    """`learn_solver_params=False`: beta / lambda / alpha are buffers (wave 1 broke the graph with an `.item()`)."""
+    """`learn_solver_params=False`: beta / lambda / alpha are buffers (an `.item()` on them would break the graph)."""
     model = generation_model(variant, learn_solver_params=False)
     fixed = [name for name, _ in model.named_buffers() if name.endswith(SOLVER_PARAM_SUFFIXES)]
     assert fixed and not set(fixed) & {name for name, _ in model.named_parameters()}

@@ -4,6 +4,7 @@ section of docs/solvers.md runs as written, and the project's files speak of the
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,28 @@ def test_adding_a_solver_runs_as_documented(documented_solver):
     ids = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(new(ids).logits, gd(ids).logits, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The project's files speak of the project only
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+# Tracker numbers and names of the process that built the project; the repository must read without them.
+PROCESS_WORDS = re.compile(r"\bissue #?\d+|\bwave[ -]\d|ARCH_V2", re.IGNORECASE)
+
+
+def test_no_tracker_numbers_or_process_words_in_tracked_files():
+    assert PROCESS_WORDS.search("see Issue 14") and PROCESS_WORDS.search("wave-1's clip")  # the pattern bites
+    assert not PROCESS_WORDS.search("the GPU targets; a waveform; issues 1")
+    listed = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    offending = []
+    for name in listed.stdout.splitlines():
+        path = REPO_ROOT / name
+        text_file = path.suffix in {".py", ".md", ".jinja", ".json", ".toml", ".yml", ".yaml", ".sh", ".txt", ".cfg", ""}
+        if not path.is_file() or not text_file or path.resolve() == Path(__file__).resolve():  # this file names them
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+            if PROCESS_WORDS.search(line):
+                offending.append(f"{name}:{number}: {line.strip()[:120]}")
+    assert not offending, "\n".join(offending)

@@ -1,4 +1,4 @@
-"""The energy axis inside the model (issue 12): every energy x residual-solver cell that exists, against a float64
+"""The energy axis inside the model: every energy x residual-solver cell that exists, against a float64
 reference loop written from DESIGN.md section 5, causal, cached generation == a loop of full forwards on
 non-degenerate weights, save / load / remote code, and a clear error for the cells that do not exist. The head rules'
 own maths (chunked == recurrent, padding, gates, Huber limits) is tested in test_energies.py."""

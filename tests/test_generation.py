@@ -1,4 +1,4 @@
-"""Generation tests that a broken KV cache cannot pass (issue 10).
+"""Generation tests that a broken KV cache cannot pass.
 
 The reference is a plain loop of full forwards: at every step the whole sequence runs through `model(ids,
 use_cache=False)` and the argmax of the last logits is appended. `generate` (which feeds one token per step against the
@@ -122,7 +122,7 @@ def test_cached_generate_equals_plain_loop_of_full_forwards(variant, attn):
 
 
 def test_a_broken_cache_fails_the_comparison():
-    """The comparison above has teeth: a model that drops the cache `generate` hands it (issue 10's bug with
+    """The comparison above has teeth: a model that drops the cache `generate` hands it (the bug with
     transformers 5.24, where the cache arrived as `cache=` and was swallowed) generates other tokens."""
     _, prompts, expected, _ = reference_run("gd", "sdpa")
     model = generation_model("gd", "sdpa")

@@ -1,4 +1,4 @@
-"""Looped depth (issue 12): `num_loops` applies the block stack several times with shared weights, the momentum state
+"""Looped depth: `num_loops` applies the block stack several times with shared weights, the momentum state
 carried through the loops as through layers, the KV cache kept per (loop, layer). Checked against the same model
 unrolled into `num_loops * n_layer` distinct layers holding copies of the shared weights."""
 

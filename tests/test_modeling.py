@@ -1,4 +1,4 @@
-"""Tests of the EnergyGPT model family (issue 2): the five solvers against a plain reference, exact GPT-2 equivalence,
+"""Tests of the EnergyGPT model family: the solvers against a plain reference, exact GPT-2 equivalence,
 causality, generation with the cache and with padding, gradients, loading, config validation and Auto classes.
 
 Everything runs on tiny models (CPU, fp32, offline). The remote-code round trip lives in `test_remote_code.py`.
@@ -235,7 +235,7 @@ REFERENCE_CASES = [
     pytest.param({"attention_solver": "newton", "newton_step_bound": None, "lambda_scale": 0.2}, id="newton-no-bound"),
     pytest.param({"attention_solver": "newton_light", "newton_step_bound": None, "lambda_scale": 1.0},
                  id="newton_light-no-bound"),
-    # Momentum options (issue 11 item 5) and the dense control (item 6).
+    # Momentum options and the dense control.
     pytest.param({"attention_solver": "momentum", "momentum_form": "ema"}, id="momentum-ema"),
     pytest.param({"attention_solver": "momentum", "momentum_velocity_norm": True}, id="momentum-velocity-norm"),
     pytest.param({"attention_solver": "nag", "nag_lookahead": "query", "momentum_form": "ema",
@@ -296,8 +296,8 @@ def test_solver_matches_reference_loop(case, attn):
     "solver", ["newton", "newton_light", ["momentum", "newton", "nag+newton_light"]], ids=["newton", "newton_light", "list"]
 )
 def test_newton_lambda_gradient_matches_reference_where_bound_engages(solver, attn):
-    """Issue 11 item 4: the gradient of lambda is the float64 reference's autograd gradient (soft bound included) and
-    non-zero for every head, on weights where the bound engages for most token-heads (the wave-1 hard clip gave 0
+    """The gradient of lambda is the float64 reference's autograd gradient (soft bound included) and
+    non-zero for every head, on weights where the bound engages for most token-heads (a hard trace clip gives 0
     there). On sdpa this also checks the hand-written chunked backward of the Newton correction."""
     model = set_solver_params(build(attn=attn, **WIDE_INIT, attention_solver=solver), lambda_scale=3.0).train()
     input_ids = torch.randint(0, PAD, (2, 7))
@@ -332,7 +332,7 @@ def transplant_gpt2(gpt2, energy_model):
     return energy_model
 
 
-# The new options' function-preserving starts (issue 11 items 2, 3, 5, 6): dense with every alpha = 0 (`dense_init=0`),
+# The new options' function-preserving starts: dense with every alpha = 0 (`dense_init=0`),
 # the EMA momentum form at beta = 0, Newton without a bound at lambda = 0, compositions and per-layer schedules. The
 # velocity LayerNorm is not function preserving (LN(g) != g) and is documented as such: no case here.
 FUNCTION_PRESERVING_VARIANTS = [

@@ -1,4 +1,4 @@
-"""Issue 6: bad input gets a clear error, numerics stay finite, checkpoints report mismatches, nothing is lost."""
+"""Bad input gets a clear error, numerics stay finite, checkpoints report mismatches, nothing is lost."""
 
 import ast
 import copy

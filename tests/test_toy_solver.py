@@ -1,4 +1,4 @@
-"""A solver declares itself once (issue 11): a toy solver, written here and nowhere else, gets config validation,
+"""A solver declares itself once: a toy solver, written here and nowhere else, gets config validation,
 flags, save / load, remote code, GPT-2 conversion both ways, the model card and `solver_report` without touching any
 other file of the project.
 
