@@ -4,8 +4,8 @@
     python -m benchmarks.energies --seq_lens 256 1024 --repeats 2 --output_dir /tmp/bench
 
 Head level only (what differs between the energies): one attention layer's per-head computation on random
-(B, H, T, D) queries, keys and values, fp32, CPU. The rules are loaded from `modeling/energies_energy_gpt.py` by path
-(this script does not import the model package), with their config defaults (`elu_plus_one` features, `sum`
+(B, H, T, D) queries, keys and values, fp32, CPU. The rules are the registered energies of
+`modeling/energies_energy_gpt.py` (no model is built), with their config defaults (`elu_plus_one` features, `sum`
 normalisation, the data-dependent gate) and the PyTorch chunked path. The baseline is `torch.nn.functional.scaled_dot_product_attention`
 with `is_causal=True`, what EnergyGPT's `softmax` heads run with `attn_implementation="sdpa"`.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -36,6 +35,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from energy_gpt.modeling.energies_energy_gpt import LINEAR_CHUNK_SIZE
+from energy_gpt.modeling.solvers_energy_gpt import ATTENTION_ENERGIES
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "softmax-sdpa"
 RULES = ("linear", "gated_linear")
@@ -44,17 +46,8 @@ METRICS = ("forward", "train")
 DEFAULT_SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192)
 
 
-def load_energies():
-    """The energies module from its file, as remote code loads it."""
-    spec = importlib.util.spec_from_file_location("energies_energy_gpt", REPO_ROOT / "modeling" / "energies_energy_gpt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ENERGIES = load_energies()
 # The linear rules' config fields (shared ones once), whose defaults the benchmark runs.
-FIELDS = tuple({f.name: f for name in RULES for f in ENERGIES.ENERGY_HEAD_RULES[name].config_fields}.values())
+FIELDS = tuple({f.name: f for name in RULES for f in ATTENTION_ENERGIES[name].fields}.values())
 
 
 def build_heads(heads: int, head_dim: int) -> dict[str, callable]:
@@ -64,7 +57,7 @@ def build_heads(heads: int, head_dim: int) -> dict[str, callable]:
     attention = SimpleNamespace(scaling=head_dim**-0.5, training=True)
     functions = {BASELINE: lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
     for name in RULES:
-        rule = ENERGIES.ENERGY_HEAD_RULES[name](config, layer_idx=0)
+        rule = ATTENTION_ENERGIES[name].rule(config, layer_idx=0)
         functions[name] = lambda q, k, v, rule=rule: rule(attention, q, k, v, None, scaling=attention.scaling)[0]
     return functions
 
@@ -279,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
         "settings": {k: v for k, v in vars(args).items() if k in ("batch", "heads", "head_dim", "repeats", "seed")},
         "defaults": ", ".join(f"{f.name}={f.default!r}" for f in FIELDS),
-        "chunk_size": ENERGIES.LINEAR_CHUNK_SIZE,
+        "chunk_size": LINEAR_CHUNK_SIZE,
         "timings": timings,
         "memory": None if args.no_memory else measure_memory(args),
     }

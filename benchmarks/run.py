@@ -41,15 +41,15 @@ from pathlib import Path
 
 import torch
 import transformers
-from energy_gpt.modeling import solvers_energy_gpt as solvers
 
-from energy_gpt import EnergyGPTConfig, EnergyGPTForCausalLM
+from energy_gpt import EnergyGPTConfig, EnergyGPTForCausalLM, equivalence
+from energy_gpt.modeling import solvers_energy_gpt as solvers
 from energy_gpt.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 BASELINE = "gpt2"
 SOLVERS = list(solvers.ATTENTION_SOLVERS)
 # The energy axis (gd steps on the linear, gated-linear and Huber energies): no GPT-2-preserving settings exist.
-ENERGIES = [name for name in solvers.ATTENTION_ENERGIES if name != "softmax"] + [
+ENERGIES = [name for name, energy in solvers.ATTENTION_ENERGIES.items() if not energy.reduces_to_gpt2] + [
     name for name in solvers.LOCAL_ENERGIES if solvers.LOCAL_ENERGIES[name] is not None]
 MODEL_NAMES = [BASELINE, *SOLVERS, *ENERGIES]
 
@@ -179,7 +179,7 @@ def build_model(name: str, shape: Shape, n_positions: int, settings: Settings, g
         return model.to(settings.torch_device, settings.torch_dtype)
     config = EnergyGPTConfig(**common, **energy_fields(name))
     if preserving:
-        config = EnergyGPTConfig(**common, **energy_fields(name), **solvers.function_preserving_settings(config))
+        config = EnergyGPTConfig(**common, **energy_fields(name), **equivalence.function_preserving_settings(config))
     with settings.torch_device:
         model = EnergyGPTForCausalLM._from_config(config, attn_implementation="sdpa")
     if gpt2_state is not None:
@@ -190,7 +190,7 @@ def build_model(name: str, shape: Shape, n_positions: int, settings: Settings, g
             if not key.endswith((".attn.bias", ".attn.masked_bias"))
         }
         result = model.load_state_dict(state, strict=False)
-        unexplained = [key for key in result.missing_keys if not solvers.is_rule_tensor(key)]
+        unexplained = [key for key in result.missing_keys if not equivalence.is_rule_tensor(key)]
         if result.unexpected_keys or unexplained:
             raise RuntimeError(f"weight transplant failed: {result.unexpected_keys=} {unexplained=}")
     return model.to(settings.torch_device, settings.torch_dtype)

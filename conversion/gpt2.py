@@ -34,7 +34,7 @@ from transformers.utils import logging
 from ..io_utils import atomic_directory, atomic_write_text
 from ..model_card import write_model_card
 from ..modeling import EnergyGPTConfig, EnergyGPTForCausalLM, EnergyGPTForSequenceClassification
-from ..modeling.solvers_energy_gpt import (
+from ..equivalence import (
     energy_axis_config_fields,
     function_preserving_settings,
     gpt2_equivalence_problems,

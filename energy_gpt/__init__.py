@@ -22,12 +22,11 @@ from .modeling import (
     EnergyGPTForSequenceClassification,
     EnergyGPTModel,
     EnergyGPTPreTrainedModel,
-    record_solver_statistics,
     register_solver,
-    solver_report,
 )
 from .modeling.solvers_energy_gpt import Solver, SolverField, SolverParameter
 from .peft_utils import register_peft_target_modules
+from .solver_stats import record_solver_statistics, solver_report
 
 
 __version__ = "0.1.0"
@@ -40,4 +39,12 @@ AutoModelForSequenceClassification.register(EnergyGPTConfig, EnergyGPTForSequenc
 # PEFT's default adapter targets for `energy_gpt` (so `LoraConfig(task_type=...)` alone works); a no-op without PEFT.
 register_peft_target_modules()
 
-__all__ = [*modeling.__all__, "Solver", "SolverField", "SolverParameter", "__version__"]
+__all__ = [
+    *modeling.__all__,
+    "Solver",
+    "SolverField",
+    "SolverParameter",
+    "__version__",
+    "record_solver_statistics",
+    "solver_report",
+]

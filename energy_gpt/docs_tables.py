@@ -19,13 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .equivalence import function_preserving_settings
 from .modeling.configuration_energy_gpt import EnergyGPTConfig
-from .modeling.solvers_energy_gpt import (
-    ATTENTION_ENERGIES,
-    ATTENTION_SOLVERS,
-    LOCAL_ENERGIES,
-    function_preserving_settings,
-)
+from .modeling.solvers_energy_gpt import ATTENTION_ENERGIES, ATTENTION_SOLVERS, LOCAL_ENERGIES
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

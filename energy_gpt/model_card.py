@@ -17,8 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from .equivalence import schedule_rules
 from .io_utils import atomic_write_text
-from .modeling.solvers_energy_gpt import layer_solver_names, schedule_rules, solver_parameter_names
+from .modeling.solvers_energy_gpt import layer_solver_names
+from .solver_stats import solver_parameter_names
 
 
 CARD_TEMPLATE = "energy_gpt_card.md.jinja"

@@ -11,7 +11,8 @@ from typing import Any
 
 from transformers.hf_argparser import string_to_bool
 
-from .modeling.solvers_energy_gpt import ENERGY_AXIS_FIELDS, solver_config_fields
+from .equivalence import ENERGY_AXIS_FIELDS
+from .modeling.solvers_energy_gpt import solver_config_fields
 
 
 def parse_solver_schedule(value: str) -> str | list[str]:

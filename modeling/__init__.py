@@ -11,9 +11,7 @@ from .solvers_energy_gpt import (
     ATTENTION_ENERGIES,
     ATTENTION_SOLVERS,
     LOCAL_ENERGIES,
-    record_solver_statistics,
     register_solver,
-    solver_report,
 )
 
 __all__ = [
@@ -25,7 +23,5 @@ __all__ = [
     "EnergyGPTForSequenceClassification",
     "EnergyGPTModel",
     "EnergyGPTPreTrainedModel",
-    "record_solver_statistics",
     "register_solver",
-    "solver_report",
 ]

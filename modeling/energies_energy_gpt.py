@@ -14,14 +14,15 @@ available), not a claim of matching the authors' numbers. Newton is undefined fo
 concave (`Hess F = -sum_i w_ti v_i v_i^T`), so a Newton step would climb towards the maximum (and the Hessian is
 singular while t < head_dim). See docs/energies.md for the energy x optimiser grid.
 
-Each class is a *head rule* (the interface of ARCH_V2.md): `forward(attention, query, key, value, attention_mask, *,
-cache=None, cache_index=None, key_padding_mask=None, **kwargs) -> (output (B, Tq, H, D), weights or None)`, with query /
-key / value in (B, H, T, D). The linear rules (`uses_kv_cache = False`) keep a recurrent state of fixed size per layer
-and head in the generation cache (`EnergyStateLayer`); `huber` (`uses_kv_cache = True`) reads the usual KV cache.
+Each class is a *head rule* (the interface of `solvers_energy_gpt.py`): `forward(attention, query, key, value,
+attention_mask, *, cache=None, cache_index=None, key_padding_mask=None, **kwargs) -> (output (B, Tq, H, D), weights or
+None)`, with query / key / value in (B, H, T, D). The linear rules (declared `uses_kv_cache=False`) keep a recurrent
+state of fixed size per layer and head in the generation cache (`EnergyStateLayer`); `huber` reads the usual KV cache.
 
-Every class declares its config fields (`config_fields`, `SolverField`s: name, default, check, doc), its cross-field
-checks (`validate_config`) and its parameters (`parameter_names`, initialised by `init_parameters`); the energies are
-registered with the solver registry at the end of this file.
+Every energy is declared once, with `Solver(...)` at the end of this file, exactly as the solvers are: its config fields
+(`SolverField`: name, default, check, doc), its checks across fields (`check_config`) and its parameters
+(`SolverParameter`: name, shape, initialiser, per head or not), created by `add_solver_parameters` and initialised by
+the model's `_init_weights`.
 
 This file ships beside checkpoints as remote code: only `torch` / `transformers` imports at load time; the optional
 flash-linear-attention kernels (`fla`) are imported lazily, on CUDA only, and their absence (or failure) never breaks
@@ -38,12 +39,15 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
+from .compat_energy_gpt import tokens_kept_by_crop
 from .solvers_energy_gpt import (
     ATTENTION_ENERGIES,
     HEAD,
     LOCAL_ENERGIES,
     Solver,
     SolverField,
+    SolverParameter,
+    add_solver_parameters,
     check_choice,
     check_positive,
     keys_visible_without_mask,
@@ -107,14 +111,6 @@ LINEAR_CHUNK_SIZE = 64
 LINEAR_NORMALIZATION_EPS = 1e-6
 # Set to "1" to keep the PyTorch path on CUDA even when flash-linear-attention is installed (for comparisons).
 DISABLE_FLA_ENV = "ENERGY_GPT_DISABLE_FLA"
-
-
-def _initialise(tensor: torch.Tensor, values: torch.Tensor) -> None:
-    """Copy `values` into `tensor` unless transformers flagged it as loaded from a checkpoint (the same guard as
-    `transformers.initialization`, written out so that it works on every 5.x release)."""
-    if not getattr(tensor, "_is_hf_initialized", False):
-        with torch.no_grad():
-            tensor.copy_(values.to(device=tensor.device, dtype=tensor.dtype))
 
 
 def retnet_decays(num_heads: int) -> torch.Tensor:
@@ -264,7 +260,7 @@ def linear_attention(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The recurrent state in the generation cache.
+# Per-layer decoding state in the generation cache: keys and values, or a linear energy's recurrent state.
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -273,9 +269,9 @@ class EnergyStateLayer(DynamicLayer):
 
     Mechanism (version-tolerant across transformers 5.x, no `LinearAttentionLayer` needed): `generate()` gives the
     model a `DynamicCache` whose `layers` is a list of `DynamicLayer`. On first use, `energy_state_layer(cache, index)`
-    swaps the still-empty `DynamicLayer` at `cache.layers[index]` for this subclass. It stores its tensors in
-    `self.states` (a dict of tensors whose first dim is the batch: the (B, H, Dk, Dv) state `S` and, for
-    `linear_normalization='length'`, the (B, H, 1, 1) total weight) and counts the tokens seen, so
+    swaps the still-empty `DynamicLayer` at `cache.layers[index]` (the slot `cache_layer` gives it) for this subclass.
+    It stores its tensors in `self.states` (a dict of tensors whose first dim is the batch: the (B, H, Dk, Dv) state
+    `S` and, for `linear_normalization='length'`, the (B, H, 1, 1) total weight) and counts the tokens seen, so
     `cache.get_seq_length()` and the causal-mask sizes stay right at zero memory per token. `keys` / `values` stay
     empty.
 
@@ -283,8 +279,8 @@ class EnergyStateLayer(DynamicLayer):
     `reorder_cache`, `batch_select_indices` and `batch_repeat_interleave` (so beam search and `num_return_sequences`
     work), `reset`, `offload` / `prefetch`. Limitations, each with a clear error: a recurrent state cannot forget tokens,
     so `crop` (assisted / speculative decoding, prompt-lookup decoding, any cache rollback) raises; static, sliding,
-    quantized or offloaded-static caches (`cache_implementation != "dynamic"`) raise in `energy_state_layer`. A cache is
-    not saved with the model (nothing to save/load beyond the weights); the class ships as remote code with the model.
+    quantized or offloaded-static caches raise in `energy_state_layer`. A cache is not saved with the model (nothing
+    to save/load beyond the weights); the class ships as remote code with the model.
     """
 
     is_energy_state_layer = True  # duck-typed marker: a remote-code copy of this module defines another class object
@@ -347,8 +343,7 @@ class EnergyStateLayer(DynamicLayer):
             self._map_states(lambda tensor: tensor.to(self.device, non_blocking=True))
 
     def crop(self, max_length: int) -> None:
-        # transformers 5.x: negative = remove that many tokens; older releases also accept a positive target length.
-        if max_length == 0 or (max_length > 0 and max_length >= self.seen_tokens):
+        if tokens_kept_by_crop(max_length, self.seen_tokens) >= self.seen_tokens:
             return
         raise ValueError(
             "The linear energies (`attention_energy` linear / gated_linear) keep a recurrent state, which cannot drop "
@@ -356,28 +351,61 @@ class EnergyStateLayer(DynamicLayer):
         )
 
 
-def energy_state_layer(cache: Any, cache_index: int) -> EnergyStateLayer:
-    """The `EnergyStateLayer` at `cache.layers[cache_index]`, swapped in for the empty `DynamicLayer` on first use."""
+def cache_layer(cache: Any, index: int) -> Any:
+    """The layer at slot `index` of the generation cache, growing a dynamic cache to hold it.
+
+    The one cache object `generate` (or the caller) passes holds every per-layer decoding state of the model: layer `i`
+    of loop `l` sits at slot `l * n_layer + i` (looped depth), as keys and values (the layer class the cache was built
+    with) or as a linear energy's recurrent state (`EnergyStateLayer`). Being layers of that cache, they all follow
+    its operations: beam search's `reorder_cache`, `crop`, `batch_select_indices` / `batch_repeat_interleave`, `reset`,
+    offloading.
+
+    `generate` builds `DynamicCache(config=...)`, which creates `n_layer` layers up front and does not grow in `update`
+    (only a cache built without a config does), so the slots of later loops are appended here as `DynamicLayer`s.
+    Fixed-size caches (static, quantized) cannot take more layers than they were built with: a clear error.
+    """
     layers = getattr(cache, "layers", None)
-    if not isinstance(layers, list) or cache_index is None:
-        raise ValueError(
-            f"The linear energies keep their recurrent state in a `DynamicCache` at `cache_index`; got a "
-            f"{type(cache).__name__} and cache_index={cache_index!r}."
+    if not isinstance(layers, list):
+        raise TypeError(
+            f"EnergyGPT keeps its decoding state in a transformers `Cache` (a list of cache layers); got a "
+            f"{type(cache).__name__}."
         )
-    while len(layers) <= cache_index:  # a lazily grown DynamicCache (or more (loop, layer) slots than layers)
-        layers.append(DynamicLayer())
-    layer = layers[cache_index]
+    if index >= len(layers):
+        layer_class = getattr(cache, "layer_class_to_replicate", None)  # a cache built without a config grows itself
+        if layer_class is None and all(
+            type(layer) is DynamicLayer or getattr(layer, "is_energy_state_layer", False) for layer in layers
+        ):
+            layer_class = DynamicLayer
+        if layer_class is None:
+            raise ValueError(
+                f"The cache has no slot {index}: with `num_loops` > 1 every loop keeps its own cache layers (slot "
+                f"`loop * n_layer + layer`), more than the {len(layers)} layers this {type(cache).__name__} of "
+                f"{type(layers[-1]).__name__}s was built with, and a fixed-size cache cannot grow. Use a dynamic "
+                "cache with `num_loops` > 1: `cache_implementation='dynamic'` (the default) or 'offloaded', or a "
+                "`DynamicCache`."
+            )
+        while len(layers) <= index:
+            layers.append(layer_class())
+    return layers[index]
+
+
+def energy_state_layer(cache: Any, cache_index: int) -> EnergyStateLayer:
+    """The `EnergyStateLayer` at slot `cache_index` of the cache (`cache_layer`), swapped in for the empty
+    `DynamicLayer` there on first use."""
+    if cache_index is None:
+        raise ValueError("Linear energies keep their recurrent state at a slot of the cache; `cache_index` is None.")
+    layer = cache_layer(cache, cache_index)
     if getattr(layer, "is_energy_state_layer", False):
         return layer
     if type(layer) is not DynamicLayer or layer.get_seq_length() > 0:
         raise ValueError(
-            f"The linear energies (`attention_energy` linear / gated_linear) keep a recurrent state and need the "
-            f"default dynamic cache (`cache_implementation='dynamic'`), got a {type(cache).__name__} whose layer "
-            f"{cache_index} is a {type(layer).__name__}"
-            f"{' that already holds keys and values' if type(layer) is DynamicLayer else ''}. Static, sliding-window, "
-            "quantized and offloaded caches are not supported."
+            f"The linear energies (`attention_energy` linear / gated_linear) keep a recurrent state and need a "
+            f"dynamic cache (`cache_implementation='dynamic'` or 'offloaded'), got a {type(cache).__name__} whose "
+            f"layer {cache_index} is a {type(layer).__name__}"
+            f"{' that already holds keys and values' if type(layer) is DynamicLayer else ''}. Static, sliding-window "
+            "and quantized caches are not supported."
         )
-    layers[cache_index] = layer = EnergyStateLayer()
+    cache.layers[cache_index] = layer = EnergyStateLayer()
     return layer
 
 
@@ -421,29 +449,12 @@ class LinearHeads(nn.Module):
     dtype.
     """
 
-    uses_kv_cache = False
-    config_fields: tuple[SolverField, ...] = (LINEAR_FEATURE_MAP, LINEAR_NORMALIZATION)
-    parameter_names: tuple[str, ...] = ()
-
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.feature_map = config.linear_feature_map
         self.normalization = config.linear_normalization
         self.chunk_size = LINEAR_CHUNK_SIZE
-
-    @classmethod
-    def validate_config(cls, config) -> None:
-        """Checks across fields (each field's own check runs through `config_fields`)."""
-        if config.linear_normalization == "sum" and config.linear_feature_map != "elu_plus_one":
-            raise ValueError(
-                "`linear_normalization='sum'` divides by sum_i phi(q).phi(k_i), which can be zero or negative without "
-                f"positive features: set `linear_feature_map='elu_plus_one'` (got {config.linear_feature_map!r}) or "
-                f"choose `linear_normalization` in {[n for n in LINEAR_NORMALIZATIONS if n != 'sum']}."
-            )
-
-    def init_parameters(self) -> None:
-        """No parameters (the lead's `_init_weights` may call this on every head rule)."""
 
     def log_gates(self, key: torch.Tensor) -> torch.Tensor | None:
         """(B, H, T) log g_t <= 0 for the new tokens, or None (no decay)."""
@@ -510,39 +521,17 @@ class GatedLinearHeads(LinearHeads):
         restricted to the head's key subspace: a data-dependent gate with H * (D + 1) parameters and no change to the
         attention's interface. Parameters `gate_weight` (H, D), `gate_bias` (H,).
       * `constant` (RetNet-style): a learned `g_h = sigmoid(gate_logit_h)` per head. Parameter `gate_logit` (H,).
-    Both start from RetNet's multi-scale decays `g_h = 1 - 2^(-5-h)` (`init_parameters`: `gate_weight = 0`, so the data
-    gate starts equal to the constant one). Gates are in log space throughout (`logsigmoid`, cumulative sums of log g),
+    Both start from RetNet's multi-scale decays `g_h = 1 - 2^(-5-h)` (declared initialisers; `gate_weight = 0`, so the
+    data gate starts equal to the constant one). Gates are in log space throughout (`logsigmoid`, cumulative sums of log g),
     so nothing overflows. Options, padding, chunked / recurrent forms and the cache: as `LinearHeads`, with `sum_i w_ti`
     (the decayed token count) as the `length` normaliser. Gate parameters are always trained.
     """
 
-    config_fields = LinearHeads.config_fields + (GATED_LINEAR_GATE, GATED_LINEAR_GATE_TEMPERATURE)
-    # The parameters the rule may own: `gate_weight`, `gate_bias` with the data gate, `gate_logit` with the constant one.
-    parameter_names = ("gate_weight", "gate_bias", "gate_logit")
-
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
-        num_heads = config.num_attention_heads
-        head_dim = config.hidden_size // num_heads
         self.gate = config.gated_linear_gate
         self.gate_temperature = float(config.gated_linear_gate_temperature)
-        if self.gate == "data":
-            self.gate_weight = nn.Parameter(torch.zeros(num_heads, head_dim))
-            self.gate_bias = nn.Parameter(torch.zeros(num_heads))
-        else:
-            self.gate_logit = nn.Parameter(torch.zeros(num_heads))
-        self.init_parameters()
-
-
-    def init_parameters(self) -> None:
-        """RetNet's decays at init: sigmoid(logit)^(1/tau) = gamma_h, i.e. logit = log(gamma^tau / (1 - gamma^tau));
-        `gate_weight` = 0. Skips tensors loaded from a checkpoint (`_is_hf_initialized`)."""
-        if self.gate == "data":
-            target = retnet_decays(self.gate_bias.shape[0]).pow(self.gate_temperature)  # sigmoid(b_h) = gamma_h^tau
-            _initialise(self.gate_weight, torch.zeros_like(self.gate_weight))
-            _initialise(self.gate_bias, torch.logit(target))
-        else:
-            _initialise(self.gate_logit, torch.logit(retnet_decays(self.gate_logit.shape[0])))
+        add_solver_parameters(self, config, layer_idx)  # the gate's parameters, declared at the end of this file
 
     def log_gates(self, key: torch.Tensor) -> torch.Tensor:
         if self.gate == "data":
@@ -604,21 +593,10 @@ class HuberHeads(nn.Module):
     Returns the weights `p` (B, H, Tq, S), after attention dropout (`dropout` kwarg, as eager attention).
     """
 
-    uses_kv_cache = True
-    config_fields: tuple[SolverField, ...] = (HUBER_DELTA,)
-    parameter_names: tuple[str, ...] = ()
-
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.delta = float(config.huber_delta)
-
-    @classmethod
-    def validate_config(cls, config) -> None:
-        """No checks across fields."""
-
-    def init_parameters(self) -> None:
-        """No parameters."""
 
     def forward(
         self,
@@ -656,42 +634,84 @@ class HuberHeads(nn.Module):
         return output.transpose(1, 2).to(query.dtype), probabilities.to(query.dtype)
 
 
-# What the solver registry registers: config value -> head rule.
-ENERGY_HEAD_RULES: dict[str, type[nn.Module]] = {
-    "linear": LinearHeads,
-    "gated_linear": GatedLinearHeads,
-    "huber": HuberHeads,
-}
+# --------------------------------------------------------------------------------------------------------------------
+# The declarations: the energies' plain gradient steps, and the robust local energy.
+# --------------------------------------------------------------------------------------------------------------------
 
-# The registry lines: the energies' plain gradient steps, and the robust local energy.
+
+def check_sum_normalization(config) -> None:
+    """`linear_normalization='sum'` needs positive features (a check across two fields)."""
+    if config.linear_normalization == "sum" and config.linear_feature_map != "elu_plus_one":
+        raise ValueError(
+            "`linear_normalization='sum'` divides by sum_i phi(q).phi(k_i), which can be zero or negative without "
+            f"positive features: set `linear_feature_map='elu_plus_one'` (got {config.linear_feature_map!r}) or "
+            f"choose `linear_normalization` in {[n for n in LINEAR_NORMALIZATIONS if n != 'sum']}."
+        )
+
+
+def _with_gate(gate: str, per_head: tuple[str, ...] = ()) -> Callable[[Any, int], tuple[int, ...] | None]:
+    """Shape (heads, *per_head sizes) on layers of a `gated_linear_gate=gate` config; no such tensor otherwise."""
+    sizes = {"head_dim": lambda config: config.hidden_size // config.num_attention_heads}
+    return lambda config, layer_idx: (
+        (config.num_attention_heads, *(sizes[name](config) for name in per_head))
+        if config.gated_linear_gate == gate else None
+    )
+
+
+def _zeros(config, layer_idx: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.zeros(shape)
+
+
+def _retnet_data_gate_bias(config, layer_idx: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """sigmoid(b_h)^(1/tau) = gamma_h, i.e. b_h = logit(gamma_h^tau): with `gate_weight = 0`, RetNet's decays."""
+    return torch.logit(retnet_decays(shape[0]).pow(float(config.gated_linear_gate_temperature)))
+
+
+def _retnet_gate_logit(config, layer_idx: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.logit(retnet_decays(shape[0]))
+
+
+_LINEAR_FIELDS = (LINEAR_FEATURE_MAP, LINEAR_NORMALIZATION)
+
 register_solver(Solver(
     "linear", HEAD, LinearHeads, "unnormalised linear attention",
     "The linear energy e_i = -z.v_i with F = -1/2 sum_i e_i^2: its gradient step is causal linear attention "
     "(chunked in training, a fixed-size recurrent state per head in generation).",
     update_rule="per head: o_t = sum_{i<=t} (phi(q_t) . phi(k_i)) v_i  (/ normaliser, see linear_normalization)",
-    fields=LinearHeads.config_fields,
+    fields=_LINEAR_FIELDS, check_config=check_sum_normalization, reduces_to_gpt2=False, uses_kv_cache=False,
 ), registry=ATTENTION_ENERGIES)
 register_solver(Solver(
     "gated_linear", HEAD, GatedLinearHeads, "gated linear attention",
     "The position-discounted linear energy: linear attention whose contributions decay by per-head gates g_j "
     "(data-dependent, GLA-style, or learned constants, RetNet-style).",
     update_rule="per head: o_t = sum_{i<=t} (prod_{j=i+1..t} g_j) (phi(q_t) . phi(k_i)) v_i",
-    fields=GatedLinearHeads.config_fields,
+    fields=(*_LINEAR_FIELDS, GATED_LINEAR_GATE, GATED_LINEAR_GATE_TEMPERATURE),
+    parameters=(
+        SolverParameter("gate_weight", _zeros, _with_gate("data", ("head_dim",)),
+                        "w_h, the data gate's weights on the head's key (`gated_linear_gate='data'`).",
+                        per_head=True, always_learned=True),
+        SolverParameter("gate_bias", _retnet_data_gate_bias, _with_gate("data"),
+                        "b_h, the data gate's bias (`gated_linear_gate='data'`).", per_head=True, always_learned=True),
+        SolverParameter("gate_logit", _retnet_gate_logit, _with_gate("constant"),
+                        "a_h, the constant gate g_h = sigmoid(a_h) (`gated_linear_gate='constant'`).",
+                        per_head=True, always_learned=True),
+    ),
+    check_config=check_sum_normalization, reduces_to_gpt2=False, uses_kv_cache=False,
 ), registry=ATTENTION_ENERGIES)
 register_solver(Solver(
     "huber", HEAD, HuberHeads, "robust (Huber) local energy",
     "Softmax attention's free energy with Huber local energies rho_delta(||z - v_i||): far anchors get clipped pulls "
     "(eager path, T x S memory).",
     update_rule="per head: p_ti ~ exp(-rho_delta(||q_t - k_i||) scaling);  o_t = sum_i p_ti min(1, delta/||q_t - k_i||) v_i",
-    fields=HuberHeads.config_fields,
+    fields=(HUBER_DELTA,), energies=("softmax",), reduces_to_gpt2=False,
 ), registry=LOCAL_ENERGIES)
 
 __all__ = [
-    "ENERGY_HEAD_RULES",
     "EnergyStateLayer",
     "GatedLinearHeads",
     "HuberHeads",
     "LinearHeads",
+    "cache_layer",
     "chunked_linear_attention",
     "energy_state_layer",
     "fla_linear_attention",

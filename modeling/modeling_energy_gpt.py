@@ -2,78 +2,45 @@
 
 Modelled on transformers' `models/gpt2/modeling_gpt2.py` (same state-dict names, `nn.Linear` weights in [out, in]) and
 `models/llama`. This file and its relative imports are exactly what ships beside a checkpoint as remote code, so it
-uses only public transformers API and accepts both spellings where a 5.x release renamed something (the KV cache is
-`past_key_values` up to 5.23 and `cache` from 5.24; see `_CACHE_OUTPUT_FIELD` and `_causal_mask`).
+uses only public transformers API; every difference between transformers releases is behind a named helper of
+`compat_energy_gpt.py`.
 """
 
-import inspect
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
-from .configuration_energy_gpt import EnergyGPTConfig
 # Remote code on transformers 5.0 copies only the files an entry file imports itself (one level deep): every model
 # file is imported directly here so a local checkpoint folder loads on every release.
-from .energies_energy_gpt import LinearHeads  # noqa: F401
+from .compat_energy_gpt import (
+    CACHE_ARGUMENT_NAMES,
+    attention_interface,
+    cache_argument,
+    causal_mask,
+    output_cache,
+    output_with_cache,
+    update_kv_cache,
+)
+from .configuration_energy_gpt import EnergyGPTConfig
+from .energies_energy_gpt import cache_layer
 from .newton_kernels_energy_gpt import fused_kernels_available  # noqa: F401
-from .solvers_energy_gpt import head_rule_for, init_solver_parameters, residual_rule_for
-
-
-try:  # respects transformers' "already initialised from the checkpoint" flags (5.x); plain torch init otherwise
-    from transformers import initialization as init
-except ImportError:  # pragma: no cover - older releases
-    from torch.nn import init
+from .solvers_energy_gpt import declared_property, init_solver_parameters, layer_rules
 
 
 logger = logging.get_logger(__name__)
-
-# The KV cache is an output field named `cache` from transformers 5.24 on, `past_key_values` before.
-_CACHE_OUTPUT_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-_CAUSAL_MASK_PARAMETERS = inspect.signature(create_causal_mask).parameters
-
-
-def _causal_mask(config, inputs_embeds, attention_mask, cache, position_ids):
-    """`create_causal_mask` under whichever argument names the running release uses (`cache` / `past_key_values`,
-    `inputs_embeds` / `input_embeds`, with or without `cache_position`)."""
-    kwargs = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids}
-    kwargs["inputs_embeds" if "inputs_embeds" in _CAUSAL_MASK_PARAMETERS else "input_embeds"] = inputs_embeds
-    kwargs["cache" if "cache" in _CAUSAL_MASK_PARAMETERS else "past_key_values"] = cache
-    if "cache_position" in _CAUSAL_MASK_PARAMETERS:
-        past_length = cache.get_seq_length() if cache is not None else 0
-        kwargs["cache_position"] = torch.arange(
-            past_length, past_length + inputs_embeds.shape[1], device=inputs_embeds.device
-        )
-    return create_causal_mask(**kwargs)
-
-
-def _with_cache(output_class, cache: Cache | None, **fields):
-    """An output object with the cache under the field name the running release reads back in `generate`."""
-    return output_class(**fields, **{_CACHE_OUTPUT_FIELD: cache})
-
-
-def _loop_cache(cache: Cache, loop: int) -> Cache:
-    """Looped depth keeps one KV cache per loop: loop 0 in the model's cache (what `generate` sized for `n_layer`
-    layers), later loops in extra `DynamicCache`s carried on it, so every release's cache classes work unchanged."""
-    if loop == 0:
-        return cache
-    extra = cache.__dict__.setdefault("energy_gpt_loop_caches", {})
-    if loop not in extra:
-        extra[loop] = DynamicCache()
-    return extra[loop]
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -110,7 +77,9 @@ class EnergyGPTAttention(nn.Module):
         self.c_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
-        self.head_rule = head_rule_for(config, layer_idx)
+        head = layer_rules(config, layer_idx)[1]
+        self.head_rule = head.rule(config, layer_idx)
+        self.uses_kv_cache = head.uses_kv_cache  # False: the rule keeps its own state in the cache (linear energies)
 
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
         return states.view(*states.shape[:-1], -1, self.head_dim).transpose(1, 2)
@@ -133,19 +102,9 @@ class EnergyGPTAttention(nn.Module):
         query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
         cache_index = self.layer_idx if cache_index is None else cache_index
 
-        if cache is not None and self.head_rule.uses_kv_cache:
-            loop, layer = divmod(cache_index, self.config.n_layer)
-            # Where the new tokens go: static caches of transformers < 5.5 need it, later releases ignore it.
-            key, value = _loop_cache(cache, loop).update(key, value, layer, {"cache_position": cache_position})
-
-        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # transformers >= 5.1
-            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, eager_attention_forward
-            )
-        else:  # 5.0
-            attention_interface = eager_attention_forward
-            if self.config._attn_implementation != "eager":
-                attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        if cache is not None and self.uses_kv_cache:
+            cache_layer(cache, cache_index)  # the slot of this (loop, layer), appended to the cache if it is new
+            key, value = update_kv_cache(cache, key, value, cache_index, cache_position)
 
         # By keyword, with `attention` in `_skip_keys_device_placement`: accelerate's offload hook on the head rule
         # (it owns lambda) moves its arguments to the execution device, and `.to()` on this module would try to move
@@ -156,7 +115,7 @@ class EnergyGPTAttention(nn.Module):
             key=key,
             value=value,
             attention_mask=attention_mask,
-            attention_interface=attention_interface,
+            attention_interface=attention_interface(self.config, eager_attention_forward),
             cache=cache,
             cache_index=cache_index,
             dropout=self.attn_dropout.p if self.training else 0.0,
@@ -190,7 +149,10 @@ class EnergyGPTBlock(GradientCheckpointingLayer):
         inner_dim = config.n_inner if config.n_inner is not None else 4 * hidden_size
         self.ln_1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.attn = EnergyGPTAttention(config, layer_idx=layer_idx)
-        self.residual_rule = residual_rule_for(config, layer_idx)
+        residual = layer_rules(config, layer_idx)[0]
+        self.residual_rule = residual.rule(config, layer_idx)
+        # Whether the point the residual rule returns feeds only the queries (keys and values from x).
+        self.queries_only_lookahead = declared_property(residual.queries_only_lookahead, config)
         self.ln_2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = EnergyGPTMLP(inner_dim, config)
 
@@ -205,7 +167,7 @@ class EnergyGPTBlock(GradientCheckpointingLayer):
         # Where the attention reads: x, or Nesterov's lookahead x + beta m (keys and values from x if asked).
         attn_input = self.residual_rule(hidden_states, velocity)
         context_states = None
-        if self.residual_rule.queries_only_lookahead and attn_input is not hidden_states:
+        if self.queries_only_lookahead and attn_input is not hidden_states:
             context_states = self.ln_1(hidden_states)
         attn_output, attn_weights = self.attn(
             self.ln_1(attn_input), context_states, cache=cache, attention_mask=attention_mask, **kwargs
@@ -230,7 +192,7 @@ class EnergyGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["EnergyGPTBlock"]
-    _skip_keys_device_placement = ["past_key_values", "cache", "attention"]
+    _skip_keys_device_placement = [*CACHE_ARGUMENT_NAMES, "attention"]
     # Softmax heads run through the standard attention interface, so every backend works for gd / momentum / nag /
     # dense; the Newton heads take mu from it too and read a tensor mask for their second pass (flex's BlockMask gets
     # a clear error from them).
@@ -274,21 +236,14 @@ class EnergyGPTPreTrainedModel(PreTrainedModel):
         # `_init_weights` is not called on the parent modules in custom code).
         if getattr(module, "_is_residual_projection", False):
             init.normal_(module.weight, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
-        init_solver_parameters(module, config, init.constant_)
-        if hasattr(module, "init_parameters"):  # rules with their own initialisation (e.g. the gated energy's gates)
-            module.init_parameters()
+        # Every rule's declared parameters (solvers' scalars, the gated energy's gates), skipping loaded ones.
+        init_solver_parameters(module, config, init)
 
     def post_init(self):
         for module in self.modules():
             if isinstance(module, (EnergyGPTAttention, EnergyGPTMLP)):
                 module.c_proj._is_residual_projection = True
         super().post_init()
-
-
-def _cache_argument(kwargs: dict, cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The KV cache, under either name (`cache` from transformers 5.24, `past_key_values` before)."""
-    kwargs.pop("cache_position", None)  # positions come from the cache length, as in GPT-2
-    return cache if cache is not None else past_key_values
 
 
 class EnergyGPTModel(EnergyGPTPreTrainedModel):
@@ -359,7 +314,7 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
         token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             As in GPT-2: looked up in the token embedding and added to the input embeddings.
         """
-        cache = _cache_argument(kwargs, cache, past_key_values)
+        cache = cache_argument(cache, past_key_values, kwargs)
         config = self.config
         use_cache = config.use_cache if use_cache is None else use_cache
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
@@ -387,9 +342,7 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
             hidden_states = hidden_states + self.wte(token_type_ids.view(-1, inputs_embeds.shape[1]))
         hidden_states = self.drop(hidden_states)
 
-        causal_mask = _causal_mask(
-            config, inputs_embeds, attention_mask, cache if use_cache else None, mask_position_ids
-        )
+        mask = causal_mask(config, inputs_embeds, attention_mask, cache if use_cache else None, mask_position_ids)
         key_padding_mask = attention_mask.bool() if attention_mask is not None and attention_mask.ndim == 2 else None
 
         all_hidden_states = () if output_hidden_states else None
@@ -403,7 +356,7 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
                     hidden_states,
                     velocity,
                     cache if use_cache else None,
-                    causal_mask,
+                    mask,
                     cache_index=loop * config.n_layer + block.attn.layer_idx,
                     cache_position=cache_position,
                     key_padding_mask=key_padding_mask,
@@ -416,7 +369,7 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
 
-        output = _with_cache(
+        output = output_with_cache(
             BaseModelOutputWithPast,
             cache if use_cache else None,
             last_hidden_state=hidden_states,
@@ -456,7 +409,7 @@ class EnergyGPTForCausalLM(EnergyGPTPreTrainedModel, GenerationMixin):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs: BaseModelOutputWithPast = self.transformer(
             input_ids,
-            cache=_cache_argument(kwargs, cache, past_key_values),
+            cache=cache_argument(cache, past_key_values, kwargs),
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
@@ -477,9 +430,9 @@ class EnergyGPTForCausalLM(EnergyGPTPreTrainedModel, GenerationMixin):
                 )
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        output = _with_cache(
+        output = output_with_cache(
             CausalLMOutputWithPast,
-            outputs[_CACHE_OUTPUT_FIELD] if _CACHE_OUTPUT_FIELD in outputs else None,
+            output_cache(outputs),
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
@@ -525,7 +478,7 @@ class EnergyGPTForSequenceClassification(EnergyGPTPreTrainedModel):
             )
         outputs: BaseModelOutputWithPast = self.transformer(
             input_ids,
-            cache=_cache_argument(kwargs, cache, past_key_values),
+            cache=cache_argument(cache, past_key_values, kwargs),
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
@@ -559,9 +512,9 @@ class EnergyGPTForSequenceClassification(EnergyGPTPreTrainedModel):
                 )
             loss = self.loss_function(labels=labels, pooled_logits=pooled_logits, config=self.config)
 
-        output = _with_cache(
+        output = output_with_cache(
             SequenceClassifierOutputWithPast,
-            outputs[_CACHE_OUTPUT_FIELD] if _CACHE_OUTPUT_FIELD in outputs else None,
+            output_cache(outputs),
             loss=loss,
             logits=pooled_logits,
             hidden_states=outputs.hidden_states,

@@ -56,22 +56,41 @@ class SolverField:
     gpt2_value: Any = NO_PRESERVING_VALUE
 
 
+ParameterInit = str | Callable[[Any, int, tuple[int, ...]], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class SolverParameter:
-    """A per-layer scalar (or small vector) of a rule, initialised from the config field `init_field`.
+    """A tensor of a rule, created on every layer whose `shape(config, layer_idx)` is not `None`.
 
-    `shape(config, layer_idx)` gives its shape; `None` means the layer has no such parameter (e.g. the first momentum
-    layer, which sees no velocity: a parameter that never gets a gradient breaks DDP).
+    `init` is how it starts: the name of a config field (every element set to that field's value) or a function
+    `init(config, layer_idx, shape) -> tensor` (e.g. RetNet's per-head decays). `shape` returning `None` means the
+    layer has no such tensor (e.g. the first momentum layer, which sees no velocity: a parameter that never gets a
+    gradient breaks DDP). `per_head=True` declares that the first axis is the attention head (size `n_head`), so that
+    tensor-parallel plans shard it with its heads. `always_learned=True` keeps it a trained parameter even with
+    `learn_solver_params=False` (which otherwise makes it a saved constant).
     """
 
     name: str
-    init_field: str
+    init: ParameterInit
     shape: Callable[[Any, int], tuple[int, ...] | None]
     doc: str
+    per_head: bool = False
+    always_learned: bool = False
 
 
 @dataclass(frozen=True)
 class Solver:
+    """Everything the project knows about one rule (a solver, an energy or a local energy), declared once.
+
+    Residual rules declare the state they carry across layers (`state_kind`, `None`: nothing), whether that state can
+    go round the block stack again (`supports_loops`), whether their lookahead point feeds only the queries
+    (`queries_only_lookahead`, a bool or a function of the config) and whether a lone head rule composes with them
+    (`default_residual`). Head rules declare whether they read the usual KV cache (`uses_kv_cache`) and the energies
+    they exist for (`energies`; for a local energy: the energies it modifies). `reduces_to_gpt2` is whether the rule
+    computes exactly GPT-2 at its fields' `gpt2_value`s; `check_config(config)` runs checks across fields.
+    """
+
     name: str
     kind: str  # RESIDUAL or HEAD
     rule: type[nn.Module]
@@ -81,6 +100,13 @@ class Solver:
     fields: tuple[SolverField, ...] = ()
     parameters: tuple[SolverParameter, ...] = ()
     energies: tuple[str, ...] | None = None  # head rules: the energies they are defined for (None: all)
+    check_config: Callable[[Any], None] | None = None
+    reduces_to_gpt2: bool = True
+    state_kind: str | None = None
+    supports_loops: bool = True
+    queries_only_lookahead: bool | Callable[[Any], bool] = False
+    default_residual: bool = False
+    uses_kv_cache: bool = True
 
 
 ATTENTION_SOLVERS: dict[str, Solver] = {}
@@ -129,10 +155,18 @@ def parse_solver(name: Any) -> tuple[Solver, Solver | None]:
     solvers = [ATTENTION_SOLVERS.get(part) for part in parts]
     kinds = [solver.kind if solver else None for solver in solvers]
     if len(parts) == 1 and solvers[0] is not None:
-        return (solvers[0], None) if kinds[0] == RESIDUAL else (ATTENTION_SOLVERS["gd"], solvers[0])
+        return (solvers[0], None) if kinds[0] == RESIDUAL else (default_residual(), solvers[0])
     if len(parts) == 2 and kinds == [RESIDUAL, HEAD]:
         return solvers[0], solvers[1]
     raise ValueError(f"`attention_solver` must be one of {_solver_names_message()}, got {name!r}.")
+
+
+def default_residual() -> Solver:
+    """The residual rule a head rule named alone composes with (the one declared `default_residual=True`)."""
+    for solver in ATTENTION_SOLVERS.values():
+        if solver.kind == RESIDUAL and solver.default_residual:
+            return solver
+    raise ValueError("No registered residual rule is declared `default_residual=True`.")
 
 
 def layer_solver_names(config) -> list[str]:
@@ -159,10 +193,10 @@ def validate_solver_schedule(config) -> None:
         raise ValueError(f"`attention_solver` must be a solver name or a list of names, got {schedule!r}.")
     parsed = [parse_solver(name) for name in layer_solver_names(config)]
     local = LOCAL_ENERGIES[config.local_energy]
-    if local is not None and config.attention_energy != "softmax":
+    if local is not None and local.energies is not None and config.attention_energy not in local.energies:
         raise ValueError(
-            f"`local_energy`={config.local_energy!r} is defined for `attention_energy`='softmax' only, got "
-            f"{config.attention_energy!r}."
+            f"`local_energy`={config.local_energy!r} is defined for `attention_energy`="
+            f"{' / '.join(map(repr, local.energies))} only, got {config.attention_energy!r}."
         )
     for residual, head in parsed:
         if head is None:
@@ -177,29 +211,40 @@ def validate_solver_schedule(config) -> None:
                 f"`attention_solver`={head.name!r} is not derived for `local_energy`={config.local_energy!r}: use a "
                 f"residual solver ({[n for n, s in ATTENTION_SOLVERS.items() if s.kind == RESIDUAL]}) with it."
             )
-    for rule in (ATTENTION_ENERGIES[config.attention_energy], local):
-        if rule is not None and hasattr(rule.rule, "validate_config"):
-            rule.rule.validate_config(config)
-    state_kinds = {residual.rule.state_kind for residual, _ in parsed} - {None}
-    if len(state_kinds) > 1:
+    used = [rule for residual, head in parsed for rule in (residual, head) if rule is not None]
+    for rule in dict.fromkeys([*used, ATTENTION_ENERGIES[config.attention_energy], local]):
+        if rule is not None and rule.check_config is not None:
+            rule.check_config(config)
+    state_kinds = {residual.name: residual.state_kind for residual, _ in parsed if residual.state_kind is not None}
+    if len(set(state_kinds.values())) > 1:
         raise ValueError(
-            f"`attention_solver` mixes residual rules that carry different states across layers ({sorted(state_kinds)}): "
-            f"got {schedule!r}; `dense` cannot share a schedule with `momentum` / `nag`."
+            f"`attention_solver` mixes residual rules that carry different states across layers ({state_kinds}): got "
+            f"{schedule!r}; use residual rules of one state kind (or none) in one schedule."
         )
-    if config.num_loops > 1 and "history" in state_kinds:
-        raise ValueError("`num_loops` > 1 is not supported with `attention_solver`='dense' (its weights grow with depth).")
+    looping = sorted({residual.name for residual, _ in parsed if not residual.supports_loops})
+    if config.num_loops > 1 and looping:
+        raise ValueError(
+            f"`num_loops` > 1 is not supported with `attention_solver` {looping}: their state grows with depth (one "
+            f"weight per earlier layer); got `num_loops`={config.num_loops}."
+        )
 
 
 def has_incoming_state(config, layer_idx: int) -> bool:
     """Whether layer `layer_idx` can receive a residual-rule state from an earlier layer (or from the previous loop)."""
-    kinds = [parse_solver(name)[0].rule.state_kind for name in layer_solver_names(config)]
+    kinds = [parse_solver(name)[0].state_kind for name in layer_solver_names(config)]
     kind = kinds[layer_idx]
     earlier = kinds[:layer_idx] if config.num_loops == 1 else kinds
     return kind is not None and kind in earlier
 
 
+def earlier_layers_sharing_state(config, layer_idx: int) -> int:
+    """How many earlier layers carry the same kind of state as this layer's residual rule (0 for a rule with none)."""
+    kinds = [parse_solver(name)[0].state_kind for name in layer_solver_names(config)]
+    return 0 if kinds[layer_idx] is None else kinds[:layer_idx].count(kinds[layer_idx])
+
+
 def declared_parameters(rule_class: type[nn.Module]) -> tuple[SolverParameter, ...]:
-    """The parameters declared for a rule class (by the registered solver whose rule it is, or a parent's)."""
+    """The parameters declared for a rule class (by the registered rule whose class it is, or a parent's)."""
     for cls in rule_class.__mro__:
         for rule in registered_rules():
             if rule.rule is cls and rule.parameters:
@@ -207,27 +252,41 @@ def declared_parameters(rule_class: type[nn.Module]) -> tuple[SolverParameter, .
     return ()
 
 
+def initial_value(parameter: SolverParameter, config, layer_idx: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """A declared parameter's initial value: its config field's value everywhere, or what its init function gives."""
+    if isinstance(parameter.init, str):
+        return torch.full(shape, float(getattr(config, parameter.init)))
+    value = torch.as_tensor(parameter.init(config, layer_idx, shape), dtype=torch.float32)
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"The init of solver parameter `{parameter.name}` gave shape {tuple(value.shape)}, "
+                         f"expected {tuple(shape)}.")
+    return value
+
+
 def add_solver_parameters(module: nn.Module, config, layer_idx: int) -> None:
-    """Create the parameters declared for this rule on `module`: trained parameters, or fixed (saved) buffers under the
-    same state-dict names when `learn_solver_params=False`. Values are set by the model's `_init_weights`."""
+    """Create the parameters declared for this rule on `module`, at their initial values: trained parameters, or fixed
+    (saved) buffers under the same state-dict names when `learn_solver_params=False` (unless declared
+    `always_learned`). The model's `_init_weights` sets them again through `init_solver_parameters`."""
     module.solver_parameters = []
+    module.solver_layer_idx = layer_idx
     for parameter in declared_parameters(type(module)):
         shape = parameter.shape(config, layer_idx)
         if shape is None:
             continue
-        tensor = torch.full(shape, float(getattr(config, parameter.init_field)))
-        if config.learn_solver_params:
+        tensor = initial_value(parameter, config, layer_idx, shape)
+        if parameter.always_learned or getattr(config, "learn_solver_params", True):
             module.register_parameter(parameter.name, nn.Parameter(tensor))
         else:
             module.register_buffer(parameter.name, tensor, persistent=True)
         module.solver_parameters.append(parameter)
 
 
-def init_solver_parameters(module: nn.Module, config, constant_: Callable) -> None:
-    """Set a rule's parameters to their configured initial values (called from `_init_weights`)."""
+def init_solver_parameters(module: nn.Module, config, init) -> None:
+    """Set a rule's declared parameters to their initial values (called from `_init_weights` with transformers'
+    `initialization` module, whose `copy_` skips tensors already loaded from a checkpoint)."""
     for parameter in getattr(module, "solver_parameters", ()):
-        constant_(getattr(module, parameter.name), float(getattr(config, parameter.init_field)))
-
+        tensor = getattr(module, parameter.name)
+        init.copy_(tensor, initial_value(parameter, config, module.solver_layer_idx, tuple(tensor.shape)))
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Field checks
@@ -294,9 +353,6 @@ class PlainResidual(nn.Module):
     """`gd`: `x' = x + A(LN1(x))`, exactly GPT-2. A state from earlier layers (in a per-layer schedule) passes through
     unchanged."""
 
-    state_kind = None
-    queries_only_lookahead = False
-
     def __init__(self, config, layer_idx: int):
         super().__init__()
 
@@ -315,9 +371,6 @@ class MomentumResidual(nn.Module):
     bias-corrected). `momentum_velocity_norm=True` adds `x' = x + LayerNorm(m)`, the stabiliser reproductions of
     momentum-stream transformers needed. The state never mixes positions, so causality and the KV cache are
     untouched; unrolled it is a dense skip over earlier attention outputs."""
-
-    state_kind = "velocity"
-    queries_only_lookahead = False
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -347,10 +400,6 @@ class NesterovResidual(MomentumResidual):
     """`nag` (NagMHA): Nesterov momentum. `y = x + beta_l m; g = A(LN1(y))`, then the momentum update. With
     `nag_lookahead="query"` only the queries are taken at y (keys and values from x)."""
 
-    def __init__(self, config, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self.queries_only_lookahead = config.nag_lookahead == "query"
-
     def forward(self, hidden_states, velocity, attn_output=None):
         if attn_output is None:  # the lookahead point (x itself where there is no velocity yet)
             return hidden_states if velocity is None else hidden_states + self.momentum_beta * velocity
@@ -361,9 +410,6 @@ class DenseResidual(nn.Module):
     """`dense` (DenseFormer-style control): `x' = x + g_l + sum_{j<l} alpha_{l,j} g_j`, a learned weighted sum of all
     earlier attention outputs, explicit rather than implied by momentum (whose unrolled weights are products of
     betas). With every alpha = 0 (`dense_init=0`, the default) it is exactly GPT-2."""
-
-    state_kind = "history"
-    queries_only_lookahead = False
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -382,8 +428,8 @@ class DenseResidual(nn.Module):
         return hidden_states + step, history
 
 
-def _previous_dense_layers(config, layer_idx: int) -> tuple[int, ...] | None:
-    count = sum(parse_solver(name)[0].name == "dense" for name in layer_solver_names(config)[:layer_idx])
+def _one_weight_per_earlier_layer(config, layer_idx: int) -> tuple[int, ...] | None:
+    count = earlier_layers_sharing_state(config, layer_idx)
     return (count,) if count else None
 
 
@@ -524,14 +570,10 @@ class NewtonHeads(nn.Module):
     the same function from the same random state.
     """
 
-    uses_kv_cache = True
-
     def __init__(self, config, layer_idx: int):
         super().__init__()
         add_solver_parameters(self, config, layer_idx)
         self.step_bound = config.newton_step_bound
-        self.record_statistics = False  # set by `record_solver_statistics`; off so compiled graphs have no side effects
-        self.statistics: dict[str, torch.Tensor] = {}
 
     def forward(self, attention, query, key, value, attention_mask, attention_interface=None, dropout: float = 0.0,
                 scaling: float = 1.0, cache=None, cache_index=None, key_padding_mask=None, **kwargs):
@@ -539,7 +581,7 @@ class NewtonHeads(nn.Module):
         if dropout > 0.0:
             probs = nn.functional.dropout(attention_probabilities(query, key, attention_mask, scaling), p=dropout)
             mean = torch.matmul(probs, value.float())
-            correction = self._correction_from_probabilities(probs, value.float(), mean, probs.sum(-1, keepdim=True))
+            correction = self._bounded(*self._step_from_probabilities(probs, value.float(), mean, probs.sum(-1, keepdim=True)))
             return (mean + correction).to(value.dtype).transpose(1, 2), probs.to(value.dtype)
         # mu through the attention interface, so lambda = 0 reproduces GPT-2 bit for bit on every backend.
         attn_output, attn_weights = attention_interface(attention, query, key, value, attention_mask,
@@ -547,13 +589,25 @@ class NewtonHeads(nn.Module):
         mean = attn_output.transpose(1, 2).float()  # (batch, heads, q_len, head_dim)
         use_kernel, padding = fused_kernel_padding(query, key, attention_mask, key_padding_mask)
         if attn_weights is not None:  # eager returns the probabilities: reuse them
-            correction = self._correction_from_probabilities(attn_weights.float(), value.float(), mean, None)
+            correction = self._bounded(*self._step_from_probabilities(attn_weights.float(), value.float(), mean, None))
         elif use_kernel:  # CUDA: one fused flash-style pass over the keys (newton_kernels_energy_gpt.py)
             products, second_moment = newton_second_moments(query, key, value, mean, scaling, padding)
-            correction = self._finish(products, second_moment, mean, None)
+            correction = self._bounded(*self._covariance_step(products, second_moment, mean, None))
         else:
             correction = self._fused_correction(query, key, value.float(), mean, attention_mask, scaling)
         return (mean + correction).to(attn_output.dtype).transpose(1, 2), attn_weights
+
+    @torch.no_grad()
+    def step_sizes(self, query, key, value, attention_mask, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token and head (batch, heads, q_len, 1), from the materialised probabilities (for statistics, outside
+        the forward path): the size `s` of the unbounded correction relative to mu (the soft bound engages where
+        `|lambda| s > newton_step_bound`), and the spread of the values, `trace(Sigma)` (`newton_light`: the largest
+        diagonal entry of Sigma), which a hard clip on `|lambda| trace(Sigma)` would have limited."""
+        key, value = keys_visible_without_mask(key, value, attention_mask, query.shape[2])
+        probs = attention_probabilities(query, key, attention_mask, scaling)
+        mean = torch.matmul(probs, value.float())
+        _, step_size, spread = self._step_from_probabilities(probs, value.float(), mean, None)
+        return step_size, spread
 
     def _fused_correction(self, query, key, value, mean, attention_mask, scaling):
         """Query chunks with recomputed probabilities (SDPA does not return them). Attention is causal, so a chunk only
@@ -571,31 +625,23 @@ class NewtonHeads(nn.Module):
                                               squared_norms[:, :, :visible], mean[:, :, start:end], mask, scaling)
             products.append(chunk[0])
             second_moments.append(chunk[1])
-        return self._finish(torch.cat(products, dim=2), torch.cat(second_moments, dim=2), mean, None)
+        return self._bounded(*self._covariance_step(torch.cat(products, dim=2), torch.cat(second_moments, dim=2), mean,
+                                                    None))
 
-    def _correction_from_probabilities(self, probs, value, mean, mass):
+    def _step_from_probabilities(self, probs, value, mean, mass):
         products = torch.matmul(probs * torch.matmul(mean, value.transpose(-1, -2)), value)
-        return self._finish(products, torch.matmul(probs, (value * value).sum(-1, keepdim=True)), mean, mass)
+        return self._covariance_step(products, torch.matmul(probs, (value * value).sum(-1, keepdim=True)), mean, mass)
 
-    def _finish(self, products, second_moment, mean, mass):
-        """lambda * Sigma mu from `sum_i p_i (v_i . mu) v_i` and `sum_i p_i ||v_i||^2` (per token and head)."""
+    def _covariance_step(self, products, second_moment, mean, mass):
+        """(Sigma mu, its size relative to mu, trace(Sigma)) from `sum_i p_i (v_i . mu) v_i` and `sum_i p_i ||v_i||^2`
+        (per token and head)."""
         centring = (mean * mean).sum(-1, keepdim=True) if mass is None else (2.0 - mass) * (mean * mean).sum(-1, keepdim=True)
         sigma_mean = products - centring * mean
-        step_size = _relative_size(sigma_mean, mean)
-        if self.record_statistics:
-            self._record(step_size, second_moment - centring)
-        return bounded_lambda(self.newton_lambda, step_size, self.step_bound) * sigma_mean
+        return sigma_mean, _relative_size(sigma_mean, mean), second_moment - centring
 
-    @torch.no_grad()
-    def _record(self, step_size: torch.Tensor, spread: torch.Tensor) -> None:
-        """Fraction of token-heads where the soft bound engages (|lambda| s > bound: lambda shrunk by > 29 %), and
-        where wave 1's hard clip on `|lambda| * trace(Sigma)` (or `max diag Sigma`) would have engaged."""
-        lam = self.newton_lambda.float().abs().view(1, -1, 1, 1)
-        bound = self.step_bound if self.step_bound is not None else float("inf")
-        self.statistics = {
-            "bound_engagement": (lam * step_size > bound).float().mean(),
-            "trace_rule_engagement": (lam * spread.clamp(min=0) > (self.step_bound or 0.5)).float().mean(),
-        }
+    def _bounded(self, step: torch.Tensor, step_size: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+        """lambda_eff * step, lambda soft-bounded by the step's relative size."""
+        return bounded_lambda(self.newton_lambda, step_size, self.step_bound) * step
 
 
 class LightNewtonHeads(NewtonHeads):
@@ -610,7 +656,8 @@ class LightNewtonHeads(NewtonHeads):
         if dropout > 0.0:
             probs = nn.functional.dropout(attention_probabilities(query, key, attention_mask, scaling), p=dropout)
             mean = torch.matmul(probs, value.float())
-            output = mean + self._correction(torch.matmul(probs, squared_values), mean, probs.sum(-1, keepdim=True))
+            output = mean + self._bounded(*self._step_from_probabilities(probs, value.float(), mean,
+                                                                         probs.sum(-1, keepdim=True)))
             return output.to(value.dtype).transpose(1, 2), probs.to(value.dtype)
         attn_output, attn_weights = attention_interface(attention, query, key, value, attention_mask,
                                                         dropout=0.0, scaling=scaling, **kwargs)
@@ -624,23 +671,23 @@ class LightNewtonHeads(NewtonHeads):
             second_moment, _ = attention_interface(attention, query.float(), key.float(), squared_values,
                                                    attention_mask, dropout=0.0, scaling=scaling, **kwargs)
             second_moment = second_moment.transpose(1, 2)
-        output = mean + self._correction(second_moment, mean, None)
+        output = mean + self._bounded(*self._variance_step(second_moment, mean, None))
         return output.to(attn_output.dtype).transpose(1, 2), attn_weights
 
-    def _correction(self, second_moment, mean, mass):
+    def _step_from_probabilities(self, probs, value, mean, mass):
+        return self._variance_step(torch.matmul(probs, value.square()), mean, mass)
+
+    def _variance_step(self, second_moment, mean, mass):
+        """(diag(Sigma) * mu, its size relative to mu, the largest diagonal entry of Sigma) from `E_p[v*v]`."""
         centring = mean * mean if mass is None else (2.0 - mass) * mean * mean
-        step = (second_moment - centring).clamp(min=0) * mean  # rounding only: the variance is >= 0 in exact arithmetic
-        step_size = _relative_size(step, mean)
-        if self.record_statistics:
-            self._record(step_size, (second_moment - centring).amax(-1, keepdim=True))
-        return bounded_lambda(self.newton_lambda, step_size, self.step_bound) * step
+        variance = second_moment - centring
+        step = variance.clamp(min=0) * mean  # rounding only: the variance is >= 0 in exact arithmetic
+        return step, _relative_size(step, mean), variance.amax(-1, keepdim=True)
 
 
 class SoftmaxHeads(nn.Module):
     """The softmax energy's gradient step: standard attention through the configured attention interface (eager,
     sdpa, flash, flex or a registered custom function), exactly as GPT-2 calls it."""
-
-    uses_kv_cache = True
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -678,19 +725,20 @@ _NEWTON_FIELDS = (
                 "gives the plain formula with no scaling."),
 )
 _NEWTON_LAMBDA = SolverParameter("newton_lambda", "newton_lambda", lambda config, layer_idx: (config.n_head,),
-                                 "lambda_{l,h}, one per head.")
+                                 "lambda_{l,h}, one per head.", per_head=True)
 
 register_solver(Solver(
     "gd", RESIDUAL, PlainResidual, "MHA",
     "One gradient-descent step on the attention energy: standard attention plus its residual, exactly GPT-2.",
     update_rule="x' = x + A(LN1(x))",
+    default_residual=True,
 ))
 register_solver(Solver(
     "momentum", RESIDUAL, MomentumResidual, "MomenMHA",
     "Momentum across layers: each layer adds a velocity m = beta_l m + A(LN1(x)) (or its EMA form) to the residual "
     "stream instead of its own attention output. With every beta_l = 0 it computes GPT-2.",
     update_rule="g = A(LN1(x));  m = beta_l * m + g  (ema: beta_l * m + (1 - beta_l) * g);  x' = x + m  (or + LN(m))",
-    fields=_MOMENTUM_FIELDS, parameters=(_MOMENTUM_BETA,),
+    fields=_MOMENTUM_FIELDS, parameters=(_MOMENTUM_BETA,), state_kind="velocity",
 ))
 register_solver(Solver(
     "nag", RESIDUAL, NesterovResidual, "NagMHA",
@@ -701,7 +749,8 @@ register_solver(Solver(
     fields=(*_MOMENTUM_FIELDS, SolverField(
         "nag_lookahead", "qkv", check_choice("nag_lookahead", NAG_LOOKAHEAD_MODES),
         "`qkv`: q, k and v from the lookahead point; `query`: only q (k and v from x).")),
-    parameters=(_MOMENTUM_BETA,),
+    parameters=(_MOMENTUM_BETA,), state_kind="velocity",
+    queries_only_lookahead=lambda config: config.nag_lookahead == "query",
 ))
 register_solver(Solver(
     "dense", RESIDUAL, DenseResidual, "DenseFormer-style control",
@@ -710,8 +759,9 @@ register_solver(Solver(
     update_rule="g_l = A(LN1(x));  x' = x + g_l + sum_{j<l} alpha_{l,j} g_j",
     fields=(SolverField("dense_init", 0.0, check_finite("dense_init"),
                         "Initial weight of every earlier attention output (0: exactly GPT-2).", gpt2_value=0.0),),
-    parameters=(SolverParameter("dense_weights", "dense_init", _previous_dense_layers,
+    parameters=(SolverParameter("dense_weights", "dense_init", _one_weight_per_earlier_layer,
                                 "alpha_{l,j}, the weight of earlier dense layer j's attention output at layer l."),),
+    state_kind="history", supports_loops=False,
 ))
 register_solver(Solver(
     "newton", HEAD, NewtonHeads, "MHA2nd1st",
@@ -740,145 +790,42 @@ register_solver(Solver(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def residual_rule_for(config, layer_idx: int) -> nn.Module:
-    return layer_solvers(config, layer_idx)[0].rule(config, layer_idx)
-
-
-def head_rule_for(config, layer_idx: int) -> nn.Module:
-    """The head rule of a layer: its solver's (Newton), else the local energy's (Huber), else the energy's own."""
-    head = layer_solvers(config, layer_idx)[1]
+def layer_rules(config, layer_idx: int) -> tuple[Solver, Solver]:
+    """The declarations of a layer's residual rule and head rule. The head rule is its solver's (Newton), else the
+    local energy's (Huber), else the energy's own (softmax attention for the default energy)."""
+    residual, head = layer_solvers(config, layer_idx)
     if head is None:
         head = LOCAL_ENERGIES[config.local_energy] or ATTENTION_ENERGIES[config.attention_energy]
-    return head.rule(config, layer_idx)
+    return residual, head
 
 
-def solver_parameter_names() -> set[str]:
-    """State-dict leaf names of every registered rule's parameters (e.g. `momentum_beta`, `newton_lambda`)."""
-    return {parameter.name for rule in registered_rules() for parameter in rule.parameters}
-
-
-# Submodules that own every rule tensor (and, in wave-1 checkpoints, `attn.solver`).
-RULE_MODULE_NAMES = ("residual_rule", "head_rule", "solver")
-ENERGY_AXIS_FIELDS = ("attention_solver", "attention_energy", "local_energy", "learn_solver_params", "num_loops")
-
-
-def is_rule_tensor(key: str) -> bool:
-    """Whether a state-dict key belongs to a solver rule rather than to GPT-2's own weights."""
-    return any(f".{name}." in key for name in RULE_MODULE_NAMES)
-
-
-def energy_axis_config_fields() -> tuple[str, ...]:
-    """The config fields EnergyGPT adds to GPT-2's: the energy axis and every registered solver's own fields."""
-    return (*ENERGY_AXIS_FIELDS, *solver_config_fields())
-
-
-def schedule_rules(config) -> list[Solver]:
-    """Every rule a config uses: its layers' residual and head rules, plus its energy's and local energy's."""
-    rules = []
-    for residual, head in (parse_solver(name) for name in layer_solver_names(config)):
-        rules += [residual] + ([head] if head is not None else [])
-    local = LOCAL_ENERGIES.get(getattr(config, "local_energy", "elastic"))
-    rules += [ATTENTION_ENERGIES[getattr(config, "attention_energy", "softmax")]] + ([local] if local else [])
-    return list(dict.fromkeys(rules))
-
-
-def function_preserving_settings(config) -> dict[str, Any]:
-    """The field values at which the config's solvers compute GPT-2 (e.g. `momentum_beta=0`, `newton_lambda=0`)."""
-    return {solver_field.name: solver_field.gpt2_value for rule in schedule_rules(config) for solver_field in rule.fields
-            if solver_field.gpt2_value is not NO_PRESERVING_VALUE}
-
-
-def gpt2_equivalence_problems(config, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Why a model with this config and these weights does not compute exactly GPT-2 (empty: it does)."""
-    problems = []
-    if config.attention_energy != "softmax" or config.local_energy != "elastic" or config.num_loops != 1:
-        problems.append(
-            f"attention_energy={config.attention_energy!r}, local_energy={config.local_energy!r}, "
-            f"num_loops={config.num_loops} (GPT-2 is softmax, elastic, one loop)"
-        )
-    parameters = {parameter.name: parameter for rule in schedule_rules(config) for parameter in rule.parameters}
-    init_fields = {parameter.init_field for parameter in parameters.values()}
-    for name, value in function_preserving_settings(config).items():
-        if name not in init_fields and getattr(config, name) != value:
-            problems.append(f"{name}={getattr(config, name)!r} (GPT-2 needs {value!r})")
-    for key, tensor in state_dict.items():
-        if not is_rule_tensor(key):
-            continue
-        parameter = parameters.get(key.rsplit(".", 1)[-1])
-        if parameter is None:
-            problems.append(f"{key} (a solver tensor GPT-2 has no place for)")
-        elif bool(tensor.float().ne(function_preserving_settings(config).get(parameter.init_field, 0.0)).any()):
-            problems.append(f"{key} = {tensor.float().flatten()[:4].tolist()} (GPT-2 needs "
-                            f"{function_preserving_settings(config).get(parameter.init_field)})")
-    return problems
-
-
-class record_solver_statistics:
-    """Context manager: while active, rules that keep statistics (Newton's bound engagement) record them at every
-    forward. Off by default, so compiled graphs have no side effects."""
-
-    def __init__(self, model: nn.Module):
-        self.rules = [module for module in model.modules() if hasattr(module, "record_statistics")]
-
-    def __enter__(self):
-        for rule in self.rules:
-            rule.record_statistics, rule.statistics = True, {}
-        return self
-
-    def __exit__(self, *exc_info):
-        for rule in self.rules:
-            rule.record_statistics = False
-
-
-def solver_report(model: nn.Module) -> dict[str, Any]:
-    """What the solvers learned: {"parameters": {name: [value per layer (a list for per-head values), None where the
-    layer has none]}, "newton_bound_engagement": [fraction per layer or None], "newton_trace_rule_engagement": [...]}.
-    The engagement fractions are those of the last forward run under `record_solver_statistics(model)`."""
-    base = getattr(model, "base_model", model)
-    blocks = list(base.h)
-    report: dict[str, Any] = {"parameters": {}, "newton_bound_engagement": [], "newton_trace_rule_engagement": []}
-    names = sorted(solver_parameter_names())
-    for layer, block in enumerate(blocks):
-        for name in names:
-            values = [tensor for module in (block.residual_rule, block.attn.head_rule)
-                      if isinstance(tensor := getattr(module, name, None), torch.Tensor)]
-            if values:
-                report["parameters"].setdefault(name, [None] * len(blocks))[layer] = values[0].detach().float().cpu().tolist()
-        statistics = getattr(block.attn.head_rule, "statistics", {})
-        for key in ("bound_engagement", "trace_rule_engagement"):
-            value = statistics.get(key)
-            report[f"newton_{key}"].append(None if value is None else float(value))
-    return report
+def declared_property(value: bool | Callable[[Any], bool], config) -> bool:
+    """A declaration property given as a value or as a function of the config."""
+    return bool(value(config) if callable(value) else value)
 
 
 __all__ = [
     "ATTENTION_ENERGIES",
-    "RULE_MODULE_NAMES",
-    "energy_axis_config_fields",
-    "function_preserving_settings",
-    "gpt2_equivalence_problems",
-    "is_rule_tensor",
-    "schedule_rules",
     "ATTENTION_SOLVERS",
+    "HEAD",
     "LOCAL_ENERGIES",
     "NAG_LOOKAHEAD_MODES",
-    "HEAD",
     "RESIDUAL",
     "Solver",
     "SolverField",
+    "SolverParameter",
     "add_solver_parameters",
+    "attention_probabilities",
     "check_bool",
     "check_choice",
     "check_finite",
     "check_number_in",
     "check_positive",
-    "SolverParameter",
-    "attention_probabilities",
+    "init_solver_parameters",
+    "layer_rules",
     "layer_solver_names",
     "parse_solver",
-    "record_solver_statistics",
     "register_solver",
+    "registered_rules",
     "solver_config_fields",
-    "solver_parameter_names",
-    "solver_report",
 ]

@@ -312,20 +312,12 @@ def test_text_without_tokenizer_trains_a_bpe_and_the_model_matches_it(tmp_path, 
 
 @pytest.fixture(scope="module")
 def tiny_comparison(tmp_path_factory):
-    """gd, nag with its own beta and newton_light, seeds 3 and 4; solver_report as the ARCH_V2 contract describes it
-    (patched into energy_gpt.modeling where the package does not export it yet)."""
-    import energy_gpt.modeling
-    from energy_gpt.modeling import solvers_energy_gpt
-
+    """gd, nag with its own beta and newton_light, seeds 3 and 4, each with its `solver_report`."""
     from energy_gpt.recipes.compare import main
 
     output_dir = tmp_path_factory.mktemp("tiny") / "compare"
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("solver_report", "record_solver_statistics"):
-            if not hasattr(energy_gpt.modeling, name):
-                patch.setattr(energy_gpt.modeling, name, getattr(solvers_energy_gpt, name), raising=False)
-        assert main(["--output_dir", str(output_dir), "--solvers", ",".join(TINY_SOLVERS), "--seeds", "3,4",
-                     *SHORT_BUDGET]) == 0
+    assert main(["--output_dir", str(output_dir), "--solvers", ",".join(TINY_SOLVERS), "--seeds", "3,4",
+                 *SHORT_BUDGET]) == 0
     return output_dir
 
 
@@ -439,17 +431,17 @@ def test_same_command_twice_gives_the_same_losses(tiny_comparison, tmp_path):
 
 
 def test_baseline_dir_supplies_gd_and_must_match_the_settings(tiny_comparison, tmp_path):
-    from energy_gpt.recipes.compare import main
+    from energy_gpt.recipes.compare import main, run
 
     output_dir = tmp_path / "without-gd"
     argv = ["--output_dir", str(output_dir), "--solvers", "newton_light", "--seeds", "3,4", *SHORT_BUDGET]
     with pytest.raises(ValueError, match=r"--baseline_dir .*differs in .*shared\.training\.max_steps"):
-        main([*argv, "--baseline_dir", str(tiny_comparison), "--max_steps", "4"])
+        run([*argv, "--baseline_dir", str(tiny_comparison), "--max_steps", "4"])
     with pytest.raises(ValueError, match=r"no finished plain gd run for seed\(s\) \[5\]"):
-        main(["--output_dir", str(output_dir), "--solvers", "newton_light", "--seeds", "3,5", *SHORT_BUDGET,
+        run(["--output_dir", str(output_dir), "--solvers", "newton_light", "--seeds", "3,5", *SHORT_BUDGET,
               "--baseline_dir", str(tiny_comparison)])
     with pytest.raises(ValueError, match="--baseline_dir is for comparisons without 'gd'"):
-        main(["--output_dir", str(output_dir), "--solvers", "gd", *SHORT_BUDGET, "--baseline_dir", str(tiny_comparison)])
+        run(["--output_dir", str(output_dir), "--solvers", "gd", *SHORT_BUDGET, "--baseline_dir", str(tiny_comparison)])
     assert main([*argv, "--baseline_dir", str(tiny_comparison)]) == 0
     report = json.loads((output_dir / "loss_curves.json").read_text())
     earlier = json.loads((tiny_comparison / "loss_curves.json").read_text())
@@ -465,11 +457,12 @@ def test_interrupted_comparison_resumes_without_retraining_finished_runs(tmp_pat
     table of what finished stay. A SIGKILL's leftovers are cleaned at the start of --resume, which trains only the
     missing runs."""
     from energy_gpt.recipes import compare
+    from energy_gpt.recipes.compare import runner
 
     output_dir = tmp_path / "compare"
     argv = ["--output_dir", str(output_dir), "--solvers", "gd,nag", "--seeds", "1,2", *SHORT_BUDGET]
     trained = []
-    original = compare.train_one_run
+    original = runner.train_one_run
 
     def terminated_in_seed_2(spec, seed, config, task, model_args, training_args, run_dir):
         trained.append((spec.label, seed))
@@ -478,7 +471,7 @@ def test_interrupted_comparison_resumes_without_retraining_finished_runs(tmp_pat
             os.kill(os.getpid(), signal.SIGTERM)  # the handler raises SystemExit(143) right here
         return original(spec, seed, config, task, model_args, training_args, run_dir)
 
-    monkeypatch.setattr(compare, "train_one_run", terminated_in_seed_2)
+    monkeypatch.setattr(runner, "train_one_run", terminated_in_seed_2)
     handler_before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped:
         compare.main(argv)
@@ -496,10 +489,10 @@ def test_interrupted_comparison_resumes_without_retraining_finished_runs(tmp_pat
     (output_dir / "runs" / "nag" / ".seed-2.partial-abc123").mkdir()
     (output_dir / ".comparison.md.xyz.tmp").write_text("half a table")
     with pytest.raises(FileExistsError, match="pass --resume"):
-        compare.main(argv)
+        compare.run(argv)
 
     trained.clear()
-    monkeypatch.setattr(compare, "train_one_run", lambda *args: trained.append(args[:2]) or original(*args))
+    monkeypatch.setattr(runner, "train_one_run", lambda *args: trained.append(args[:2]) or original(*args))
     assert compare.main([*argv, "--resume"]) == 0
     assert [(spec.label, seed) for spec, seed in trained] == [("gd", 2), ("nag", 2)]
     assert not list(tmp_path.rglob(".*"))
@@ -514,7 +507,7 @@ def test_interrupted_comparison_resumes_without_retraining_finished_runs(tmp_pat
     assert compare.main([*argv, "--resume"]) == 0 and trained == []
     with pytest.raises(ValueError, match=r"--resume: the finished run 'gd' seed 1 .*differs in shared\.training\."
                                          r"learning_rate"):
-        compare.main([*argv, "--resume", "--learning_rate", "1e-3"])
+        compare.run([*argv, "--resume", "--learning_rate", "1e-3"])
 
 
 def test_settings_match_ignores_only_fields_added_since_at_their_default():
@@ -537,29 +530,29 @@ def test_settings_match_ignores_only_fields_added_since_at_their_default():
 
 
 def test_compare_refuses_bad_arguments_and_keeps_existing_results(tmp_path, monkeypatch):
-    from energy_gpt.recipes.compare import main
+    from energy_gpt.recipes.compare import run
 
     output_dir = tmp_path / "compare"
     with pytest.raises(ValueError, match="--attention_solver"):
-        main(["--output_dir", str(output_dir), "--attention_solver", "nag"])
+        run(["--output_dir", str(output_dir), "--attention_solver", "nag"])
     with pytest.raises(ValueError, match="--model_name_or_path is not supported"):
-        main(["--output_dir", str(output_dir), "--model_name_or_path", "openai-community/gpt2"])
+        run(["--output_dir", str(output_dir), "--model_name_or_path", "openai-community/gpt2"])
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="single process"):
-        main(["--output_dir", str(output_dir)])
+        run(["--output_dir", str(output_dir)])
     monkeypatch.delenv("WORLD_SIZE")
 
     output_dir.mkdir()
     (output_dir / "comparison.md").write_text("previous results")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        main(["--output_dir", str(output_dir), "--solvers", "gd", *SHORT_BUDGET])
+        run(["--output_dir", str(output_dir), "--solvers", "gd", *SHORT_BUDGET])
     # A run that fails on its arguments (here: a model shape the config rejects) leaves the previous results untouched.
     with pytest.raises(ValueError, match="--config_overrides: .*n_head"):
-        main(["--output_dir", str(output_dir), "--solvers", "gd", "--overwrite", *SHORT_BUDGET,
+        run(["--output_dir", str(output_dir), "--solvers", "gd", "--overwrite", *SHORT_BUDGET,
               "--config_overrides", "n_layer=1,n_embd=16,n_head=3"])
     with pytest.raises(ValueError, match=r"--config_overrides: 'n_heads' is not a field"):
-        main(["--output_dir", str(output_dir), "--solvers", "gd", "--overwrite", *SHORT_BUDGET,
+        run(["--output_dir", str(output_dir), "--solvers", "gd", "--overwrite", *SHORT_BUDGET,
               "--config_overrides", "n_heads=2"])
     assert (output_dir / "comparison.md").read_text() == "previous results"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compare"]  # no staging folder left behind
@@ -568,7 +561,7 @@ def test_compare_refuses_bad_arguments_and_keeps_existing_results(tmp_path, monk
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="holds no comparison"):
-        main(["--output_dir", str(other), "--overwrite", *SHORT_BUDGET])
+        run(["--output_dir", str(other), "--overwrite", *SHORT_BUDGET])
     assert (other / "notes.txt").read_text() == "mine"
 
 

@@ -91,7 +91,7 @@ def documented_solver():
 
 def test_adding_a_solver_runs_as_documented(documented_solver):
     from energy_gpt import ATTENTION_SOLVERS, EnergyGPTConfig, EnergyGPTForCausalLM
-    from energy_gpt.modeling.solvers_energy_gpt import function_preserving_settings
+    from energy_gpt.equivalence import function_preserving_settings
 
     names, namespace = documented_solver
     assert len(names) == 1, f"the section registers one solver, got {names}"

@@ -11,9 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config
+from transformers import initialization as transformers_init
 from transformers.cache_utils import DynamicCache, StaticCache
 
 import energy_gpt.modeling.energies_energy_gpt as energies
+from energy_gpt.modeling.solvers_energy_gpt import ATTENTION_ENERGIES, LOCAL_ENERGIES, init_solver_parameters
 
 B, H, D = 2, 3, 8
 SCALING = D**-0.5
@@ -26,8 +28,12 @@ VALID_LINEAR_OPTIONS = [
 ]
 
 
+# The energies' declarations (energy name -> `Solver`): the head rules tested here, their fields and parameters.
+ENERGY_RULES = {name: ATTENTION_ENERGIES[name] for name in ("linear", "gated_linear")} | {"huber": LOCAL_ENERGIES["huber"]}
+
+
 def make_config(**overrides) -> SimpleNamespace:
-    fields = {field.name: field.default for rule in energies.ENERGY_HEAD_RULES.values() for field in rule.config_fields}
+    fields = {field.name: field.default for rule in ENERGY_RULES.values() for field in rule.fields}
     return SimpleNamespace(**{**fields, "num_attention_heads": H, "hidden_size": H * D, **overrides})
 
 
@@ -41,7 +47,7 @@ class FakeAttention(torch.nn.Module):
 
 def make_rule(name: str, **overrides):
     config = make_config(**overrides)
-    rule = energies.ENERGY_HEAD_RULES[name](config, layer_idx=0)
+    rule = ENERGY_RULES[name].rule(config, layer_idx=0)
     with torch.no_grad():  # non-degenerate gates: different per head and token, far from the init
         for parameter in rule.parameters():
             parameter.add_(torch.randn_like(parameter))
@@ -379,7 +385,7 @@ def test_unsupported_caches_raise_clear_errors():
      ("huber_delta", float("inf")), ("huber_delta", "1")],
 )
 def test_config_field_checks_name_the_field(field, bad):
-    checks = {f.name: f for rule in energies.ENERGY_HEAD_RULES.values() for f in rule.config_fields}
+    checks = {f.name: f for rule in ENERGY_RULES.values() for f in rule.fields}
     checks[field].check(checks[field].default)  # the default passes
     with pytest.raises(ValueError, match=f"`{field}`"):
         checks[field].check(bad)
@@ -387,8 +393,8 @@ def test_config_field_checks_name_the_field(field, bad):
 
 def test_sum_normalisation_needs_positive_features():
     with pytest.raises(ValueError, match="elu_plus_one"):
-        energies.LinearHeads.validate_config(make_config(linear_normalization="sum", linear_feature_map="identity"))
-    energies.GatedLinearHeads.validate_config(make_config(linear_normalization="sum", linear_feature_map="elu_plus_one"))
+        ENERGY_RULES["linear"].check_config(make_config(linear_normalization="sum", linear_feature_map="identity"))
+    ENERGY_RULES["gated_linear"].check_config(make_config(linear_normalization="sum", linear_feature_map="elu_plus_one"))
 
 
 def test_gates_start_at_retnet_decays_and_respect_loaded_weights():
@@ -396,16 +402,21 @@ def test_gates_start_at_retnet_decays_and_respect_loaded_weights():
     constant = energies.GatedLinearHeads(make_config(gated_linear_gate="constant"), 0)
     assert {n for n, _ in data.named_parameters()} == {"gate_weight", "gate_bias"}
     assert {n for n, _ in constant.named_parameters()} == {"gate_logit"}
-    assert set(data.parameter_names) >= {"gate_weight", "gate_bias", "gate_logit"}
+    fixed_solvers = energies.GatedLinearHeads(make_config(gated_linear_gate="constant", learn_solver_params=False), 0)
+    assert {n for n, _ in fixed_solvers.named_parameters()} == {"gate_logit"}  # gates are always trained
+    declared = {parameter.name: parameter for parameter in ENERGY_RULES["gated_linear"].parameters}
+    assert set(declared) == {"gate_weight", "gate_bias", "gate_logit"}
+    assert all(parameter.per_head and parameter.always_learned for parameter in declared.values())
     key = torch.randn(1, H, 4, D)
     gammas = 1 - 2.0 ** -(5 + torch.arange(H, dtype=torch.float32))
     for rule in (data, constant):
         torch.testing.assert_close(rule.log_gates(key).exp(), gammas[None, :, None].expand(1, H, 4))
     with torch.no_grad():
         data.gate_bias.fill_(3.0)
+        data.gate_weight.fill_(1.0)
     data.gate_bias._is_hf_initialized = True  # loaded from a checkpoint: init must not overwrite it
-    data.init_parameters()
-    assert torch.all(data.gate_bias == 3.0)
+    init_solver_parameters(data, make_config(gated_linear_gate="data"), transformers_init)
+    assert torch.all(data.gate_bias == 3.0) and torch.all(data.gate_weight == 0.0)  # the other one is initialised
 
 
 def test_pytorch_path_on_cpu_even_without_fla():

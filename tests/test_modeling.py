@@ -31,7 +31,7 @@ from transformers import (
 
 from energy_gpt import EnergyGPTConfig, EnergyGPTForCausalLM, EnergyGPTForSequenceClassification, EnergyGPTModel
 from energy_gpt.modeling.configuration_energy_gpt import ENERGY_GPT_AUTO_MAP
-from energy_gpt.modeling.solvers_energy_gpt import record_solver_statistics, solver_report
+from energy_gpt.solver_stats import record_solver_statistics, solver_report
 
 
 SOLVER_PARAM_SUFFIXES = ("momentum_beta", "newton_lambda", "dense_weights")

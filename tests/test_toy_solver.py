@@ -14,15 +14,12 @@ from conftest import run_without_energy_gpt, tiny_config, tiny_gpt2_config
 from transformers import GPT2LMHeadModel
 
 import energy_gpt.modeling.solvers_energy_gpt as solvers
-from energy_gpt import EnergyGPTConfig, EnergyGPTForCausalLM
+from energy_gpt import EnergyGPTConfig, EnergyGPTForCausalLM, solver_report
 
 TOY_SOURCE = '''
 
 class ScaledResidual(nn.Module):
     """`toy`: x' = x + gamma_l * A(LN1(x)); gamma = 1 is GPT-2."""
-
-    state_kind = None
-    queries_only_lookahead = False
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -81,7 +78,7 @@ def test_save_load_and_report(toy_solver, tmp_path):
     reloaded = EnergyGPTForCausalLM.from_pretrained(tmp_path).eval()
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, reloaded.state_dict()[name]), name
-    assert solvers.solver_report(reloaded)["parameters"]["toy_gamma"] == [0.5, 0.75, 1.0]
+    assert solver_report(reloaded)["parameters"]["toy_gamma"] == [0.5, 0.75, 1.0]
     ids = torch.randint(0, 100, (2, 9))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
