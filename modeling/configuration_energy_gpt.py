@@ -12,13 +12,11 @@ remote code, so a checkpoint's copy of this file loads across the whole supporte
 
 from typing import Any
 
-try:  # transformers renamed the base class; both names exist across the 5.x range
-    from transformers.configuration_utils import PreTrainedConfig
-except ImportError:  # pragma: no cover - older releases
-    from transformers.configuration_utils import PretrainedConfig as PreTrainedConfig
+from transformers.configuration_utils import PreTrainedConfig
 
 # Remote code on transformers 5.0 copies only the files an entry file imports itself (one level deep): every model
 # file is imported directly here so a local checkpoint folder loads on every release.
+from .compat_energy_gpt import CACHE_ARGUMENT_NAMES
 from .energies_energy_gpt import LinearHeads  # noqa: F401
 from .newton_kernels_energy_gpt import fused_kernels_available  # noqa: F401
 from .solvers_energy_gpt import (
@@ -76,7 +74,7 @@ class EnergyGPTConfig(PreTrainedConfig):
     """
 
     model_type = "energy_gpt"
-    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    keys_to_ignore_at_inference = list(CACHE_ARGUMENT_NAMES)
     attribute_map = {
         "hidden_size": "n_embd",
         "max_position_embeddings": "n_positions",

@@ -92,7 +92,7 @@ def test_upload_files_lists_exactly_what_loading_needs(causal_dir):
     files = hub.upload_files(causal_dir)
     names = [name for name, _ in files]
     assert sorted(names) == sorted([
-        "config.json", "configuration_energy_gpt.py", "modeling_energy_gpt.py", "solvers_energy_gpt.py",
+        "config.json", "compat_energy_gpt.py", "configuration_energy_gpt.py", "modeling_energy_gpt.py", "solvers_energy_gpt.py",
         "energies_energy_gpt.py", "newton_kernels_energy_gpt.py", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
         "all_results.json", "trainer_state.json",
     ])

@@ -28,6 +28,7 @@ def test_wheel_has_no_top_level_modeling_or_conversion(wheel):
     assert {t for t in top_level if not t.endswith(".dist-info")} == {"energy_gpt"}
     for expected in (
         "energy_gpt/modeling/modeling_energy_gpt.py",
+        "energy_gpt/modeling/compat_energy_gpt.py",
         "energy_gpt/modeling/configuration_energy_gpt.py",
         "energy_gpt/modeling/solvers_energy_gpt.py",
         "energy_gpt/modeling/energies_energy_gpt.py",
@@ -62,6 +63,6 @@ print(sorted(f for f in os.listdir({str(tmp_path / "ckpt")!r}) if f.endswith(".p
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(
-        ["configuration_energy_gpt.py", "energies_energy_gpt.py", "modeling_energy_gpt.py",
+        ["compat_energy_gpt.py", "configuration_energy_gpt.py", "energies_energy_gpt.py", "modeling_energy_gpt.py",
          "newton_kernels_energy_gpt.py", "solvers_energy_gpt.py"]
     )
