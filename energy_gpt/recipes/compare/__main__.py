@@ -1,0 +1,7 @@
+"""`python -m energy_gpt.recipes.compare ...` = `energy-gpt compare ...`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
