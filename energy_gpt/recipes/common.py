@@ -40,12 +40,26 @@ class RecipeHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.Argumen
     """The description keeps its layout (the example command); options show their defaults, as HfArgumentParser's."""
 
 
+class RecipeArgumentParser(HfArgumentParser):
+    """An `HfArgumentParser` whose errors (an unknown option, a value of the wrong type, a choice not offered) are one
+    line on stderr and exit status 2, without the usage summary of ~150 TrainingArguments options."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def argument_error_exit(command: str, error: BaseException) -> int:
+    """Print a bad argument's error as one line on stderr, as `energy-gpt <command>: error: ...`; return 2."""
+    print(f"energy-gpt {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
+
+
 def recipe_parser(dataclass_types: tuple[type, ...], description: str | None) -> HfArgumentParser:
     """An `HfArgumentParser` whose `--help` starts with `usage: energy-gpt <command> [options] | ... ARGS.json` (the
     prog comes from sys.argv[0], which the `energy-gpt` command line sets), then `description` (a recipe's module
     docstring), then every option. The short usage line keeps the summary on the first screen: argparse's own would
     list all of TrainingArguments' ~150 options first."""
-    return HfArgumentParser(
+    return RecipeArgumentParser(
         dataclass_types,
         usage="%(prog)s [options]  |  %(prog)s ARGS.json",
         description=inspect.cleandoc(description) if description else None,
