@@ -381,8 +381,7 @@ def cache_layer(cache: Any, index: int) -> Any:
                 f"The cache has no slot {index}: with `num_loops` > 1 every loop keeps its own cache layers (slot "
                 f"`loop * n_layer + layer`), more than the {len(layers)} layers this {type(cache).__name__} of "
                 f"{type(layers[-1]).__name__}s was built with, and a fixed-size cache cannot grow. Use a dynamic "
-                "cache with `num_loops` > 1: `cache_implementation='dynamic'` (the default) or 'offloaded', or a "
-                "`DynamicCache`."
+                "cache with `num_loops` > 1: `cache_implementation='dynamic'` (the default) or a `DynamicCache`."
             )
         while len(layers) <= index:
             layers.append(layer_class())
@@ -400,7 +399,7 @@ def energy_state_layer(cache: Any, cache_index: int) -> EnergyStateLayer:
     if type(layer) is not DynamicLayer or layer.get_seq_length() > 0:
         raise ValueError(
             f"The linear energies (`attention_energy` linear / gated_linear) keep a recurrent state and need a "
-            f"dynamic cache (`cache_implementation='dynamic'` or 'offloaded'), got a {type(cache).__name__} whose "
+            f"dynamic cache (`cache_implementation='dynamic'`), got a {type(cache).__name__} whose "
             f"layer {cache_index} is a {type(layer).__name__}"
             f"{' that already holds keys and values' if type(layer) is DynamicLayer else ''}. Static, sliding-window "
             "and quantized caches are not supported."
