@@ -14,15 +14,19 @@ its parameters):
   * a **head rule** (attention level): what each head returns from its queries, keys and values (`newton`,
     `newton_light`; the energies' own rules, e.g. plain softmax attention, live in `ATTENTION_ENERGIES`).
 
-A solver declares itself once, with `Solver(...)`: its rule, config fields (default, check, GPT-2-preserving value),
-parameters (name, shape, init field), paper name and model-card description. The config, model, model card,
-conversion, recipes, `compare` and benchmarks all read `ATTENTION_SOLVERS`. Adding a solver means writing its rule here
-and adding one `register_solver(...)` line.
+Every rule (solver, energy or local energy) declares itself once, with `Solver(...)`: its rule class, config fields
+(default, check, GPT-2-preserving value), checks across fields, parameters (name, shape, initialiser, per head or not),
+properties (the state it carries across layers, whether it supports looped depth, whether it reads the KV cache, ...),
+paper name and model-card description. The config and the model read these declarations; the package (`energy_gpt`:
+model card, conversion, reports, recipes, benchmarks) reads the same registry. Adding a solver means writing its rule
+and one `register_solver(...)` call (docs/solvers.md, "Adding a solver").
 """
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -273,12 +277,56 @@ def add_solver_parameters(module: nn.Module, config, layer_idx: int) -> None:
         shape = parameter.shape(config, layer_idx)
         if shape is None:
             continue
+        if shape == (1,) and parameter.name in _ZERO_DIM_WHILE_LOADING.get():
+            shape = ()
         tensor = initial_value(parameter, config, layer_idx, shape)
         if parameter.always_learned or getattr(config, "learn_solver_params", True):
             module.register_parameter(parameter.name, nn.Parameter(tensor))
         else:
             module.register_buffer(parameter.name, tensor, persistent=True)
         module.solver_parameters.append(parameter)
+    if module.solver_parameters:
+        module.register_load_state_dict_pre_hook(_reshape_zero_dim_scalars)
+
+
+# Per-layer scalars are (1,) because FSDP2 cannot shard 0-dim tensors; checkpoints of earlier releases hold them 0-dim.
+# transformers' loader compares shapes before any torch hook runs, so `from_pretrained` builds the named parameters
+# 0-dim while it loads such a checkpoint (`zero_dim_while_loading`) and then reshapes them (`reshape_zero_dim_scalars`).
+_ZERO_DIM_WHILE_LOADING: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "energy_gpt_zero_dim_while_loading", default=frozenset()
+)
+
+
+@contextlib.contextmanager
+def zero_dim_while_loading(names: set[str]) -> Iterator[None]:
+    """Rules built inside this block create their (1,) parameters named in `names` 0-dim, as older checkpoints hold them."""
+    token = _ZERO_DIM_WHILE_LOADING.set(frozenset(names))
+    try:
+        yield
+    finally:
+        _ZERO_DIM_WHILE_LOADING.reset(token)
+
+
+def reshape_zero_dim_scalars(model: nn.Module) -> None:
+    """Give every 0-dim declared parameter of `model` its current shape (1,), keeping its value and trainability."""
+    for module in model.modules():
+        for parameter in getattr(module, "solver_parameters", ()):
+            tensor = getattr(module, parameter.name)
+            if tensor.ndim != 0:
+                continue
+            if isinstance(tensor, nn.Parameter):
+                setattr(module, parameter.name, nn.Parameter(tensor.detach().reshape(1), tensor.requires_grad))
+            else:
+                module.register_buffer(parameter.name, tensor.reshape(1), persistent=True)
+
+
+def _reshape_zero_dim_scalars(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """`load_state_dict` pre-hook: a 0-dim value saved for a (1,) parameter loads as (1,)."""
+    for parameter in module.solver_parameters:
+        key = prefix + parameter.name
+        value = state_dict.get(key)
+        if isinstance(value, torch.Tensor) and value.ndim == 0 and tuple(getattr(module, parameter.name).shape) == (1,):
+            state_dict[key] = value.reshape(1)
 
 
 def init_solver_parameters(module: nn.Module, config, init) -> None:
@@ -529,7 +577,8 @@ class _ChunkSecondMoments(torch.autograd.Function):
             grad_norms = torch.matmul(probs.transpose(-1, -2), grad_second_moment)
         if needs_query or needs_key:
             grad_probs = grad_weights.mul_(projections).addcmul_(grad_second_moment, squared_norms.transpose(-1, -2))
-            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            # Softmax backward, dL/ds_ti = p_ti (dL/dp_ti - sum_j p_tj dL/dp_tj), in place on the chunk's buffer.
+            grad_scores = grad_probs.sub_((grad_probs * probs).sum(-1, keepdim=True)).mul_(probs)
             if needs_query:
                 grad_query = (torch.matmul(grad_scores, key.float()) * ctx.scaling).to(query.dtype)
             if needs_key:
@@ -685,6 +734,59 @@ class LightNewtonHeads(NewtonHeads):
         return step, _relative_size(step, mean), variance.amax(-1, keepdim=True)
 
 
+class TwicingHeads(nn.Module):
+    """`twicing` (Kim et al., "Twicing Attention"): per head `o = A V + lambda_h (A V - A (A V))`, A the causal softmax
+    attention matrix; lambda_h = 1 is twicing, `(2A - A^2) V`, and lambda_h = 0 is plain attention (GPT-2).
+
+    `A^2 V = A (A V)` is a second pass of the same attention with the first pass's outputs as values: row t of the
+    first pass, `mu_t = sum_{i<=t} A_ti v_i`, sits at key position t, so under the causal mask `A (A V)` only reads
+    `mu_i` for `i <= t` and is well defined. Both passes go through the attention interface (SDPA and flash never
+    form the T x T matrix); eager returns A, which the second pass then reuses. With attention dropout in training,
+    one dropped-out A~ serves both passes (`A~ V + lambda (A~ V - A~ (A~ V))`).
+
+    Generation: the second pass needs `mu_i` of every earlier token, which a KV cache does not hold, so the rule keeps
+    keys, values and first-pass outputs itself, in the cache layer of its slot (`EnergyStateLayer`: the cache's batch
+    operations, such as beam search's reordering, reach them). Dynamic caches only; cropping is refused.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        add_solver_parameters(self, config, layer_idx)
+
+    def forward(self, attention, query, key, value, attention_mask, attention_interface=None, dropout: float = 0.0,
+                scaling: float = 1.0, cache=None, cache_index=None, key_padding_mask=None, **kwargs):
+        from .energies_energy_gpt import energy_state_layer  # the energies module imports this one at load time
+
+        num_new = query.shape[2]
+        layer = energy_state_layer(cache, cache_index) if cache is not None else None
+        past = layer.states if layer is not None else {}
+        if past:
+            key, value = torch.cat([past["key"], key], dim=2), torch.cat([past["value"], value], dim=2)
+        if dropout > 0.0:
+            probs = nn.functional.dropout(attention_probabilities(query, key, attention_mask, scaling), p=dropout)
+            mean, attn_weights = torch.matmul(probs, value.float()), probs.to(value.dtype)
+        else:
+            attn_output, attn_weights = attention_interface(attention, query, key, value, attention_mask,
+                                                            dropout=0.0, scaling=scaling, **kwargs)
+            mean = attn_output.transpose(1, 2)
+        new_means = mean.to(value.dtype)
+        if key_padding_mask is not None:  # a padded token's own row may be anything: it must not enter as a value
+            new_means = new_means.masked_fill(~key_padding_mask[:, None, -num_new:, None].bool(), 0.0)
+        means = torch.cat([past["mean"], new_means], dim=2) if past else new_means
+        if attn_weights is not None:  # eager (or dropout): A itself, no second softmax
+            twice = torch.matmul(attn_weights.to(means.dtype), means)
+        else:
+            twice, _ = attention_interface(attention, query, key, means, attention_mask, dropout=0.0, scaling=scaling,
+                                           **kwargs)
+            twice = twice.transpose(1, 2)
+        if layer is not None:
+            layer.store({"key": key, "value": value, "mean": means}, num_new)
+        lam = self.twicing_lambda.float().view(1, -1, 1, 1)
+        mean = mean.float()
+        output = mean + lam * (mean - twice.float())
+        return output.to(value.dtype).transpose(1, 2), attn_weights
+
+
 class SoftmaxHeads(nn.Module):
     """The softmax energy's gradient step: standard attention through the configured attention interface (eager,
     sdpa, flash, flex or a registered custom function), exactly as GPT-2 calls it."""
@@ -713,8 +815,9 @@ _MOMENTUM_FIELDS = (
 )
 _MOMENTUM_BETA = SolverParameter(
     "momentum_beta", "momentum_beta",
-    lambda config, layer_idx: () if has_incoming_state(config, layer_idx) else None,
-    "beta_l, the velocity decay of layer l (absent where no velocity arrives, e.g. the first momentum layer).",
+    lambda config, layer_idx: (1,) if has_incoming_state(config, layer_idx) else None,
+    "beta_l, the velocity decay of layer l, shape (1,): FSDP2 cannot shard 0-dim tensors (absent where no velocity "
+    "arrives, e.g. the first momentum layer).",
 )
 _NEWTON_FIELDS = (
     SolverField("newton_lambda", 0.1, check_finite("newton_lambda"),
@@ -777,6 +880,19 @@ register_solver(Solver(
     "With every lambda_h = 0 it computes GPT-2.",
     update_rule="per head: o = mu + lambda_h * (E_p[v*v] - mu*mu) * mu;  x' = x + c_proj(o)",
     fields=_NEWTON_FIELDS, parameters=(_NEWTON_LAMBDA,), energies=("softmax",),
+))
+register_solver(Solver(
+    "twicing", HEAD, TwicingHeads, "Twicing attention (Kim et al.)",
+    "Twicing attention: per head o = A V + lambda_h (A V - A (A V)), the attention applied once more to its own "
+    "residual (kernel twicing); lambda_h = 1 is (2A - A^2) V, and with every lambda_h = 0 it computes GPT-2. A (A V) "
+    "is a second pass of the same attention with the first pass's outputs as values.",
+    update_rule="per head: mu = A V;  o = mu + lambda_h * (mu - A mu)  (lambda = 1: (2A - A^2) V);  x' = x + c_proj(o)",
+    fields=(SolverField("twicing_lambda", 1.0, check_finite("twicing_lambda"),
+                        "Initial lambda of every head: 1 is twicing attention (2A - A^2) V, 0 plain attention (GPT-2).",
+                        gpt2_value=0.0),),
+    parameters=(SolverParameter("twicing_lambda", "twicing_lambda", lambda config, layer_idx: (config.n_head,),
+                                "lambda_{l,h}, the weight of the twicing correction, one per head.", per_head=True),),
+    energies=("softmax",), uses_kv_cache=False,
 ))
 register_solver(Solver(
     "softmax", HEAD, SoftmaxHeads, "MHA",
