@@ -15,15 +15,17 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from itertools import chain
+from pathlib import Path
 
 import numpy as np
 from datasets import IterableDatasetDict, load_dataset
-from transformers import Trainer, default_data_collator, set_seed
+from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
 from ..modeling import EnergyGPTForCausalLM
 from .arguments import ModelArguments
 from .common import (
     RecipeTrainer,
+    argument_error_exit,
     build_config,
     build_model,
     build_tokenizer,
@@ -101,6 +103,23 @@ class DataTrainingArguments:
             )
         if self.block_size is not None and self.block_size <= 0:
             raise ValueError(f"--block_size must be a positive integer, got {self.block_size}.")
+        for flag, path in (("--train_file", self.train_file), ("--validation_file", self.validation_file)):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(
+                    f"{flag} {path!r}: no such file; pass an existing file, one of "
+                    f"{', '.join('.' + extension for extension in TEXT_FILE_BUILDERS)}."
+                )
+        if self.train_file or self.validation_file:
+            data_files_and_builder(self.train_file, self.validation_file, TEXT_FILE_BUILDERS)  # the extensions
+
+
+def check_training_steps(training_args, required: bool) -> None:
+    """`--max_steps`: a positive number of steps, or (where `required` is False) -1 to train --num_train_epochs."""
+    max_steps = training_args.max_steps
+    if max_steps > 0 or (max_steps == -1 and not required):
+        return
+    allowed = "a positive integer" if required else "a positive integer, or -1 to train --num_train_epochs epochs"
+    raise ValueError(f"--max_steps must be {allowed}; got {max_steps}.")
 
 
 def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArguments):
@@ -202,15 +221,26 @@ def compute_metrics(eval_predictions):
     return {"accuracy": accuracy(predictions[scored], labels[scored])}
 
 
-def run(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
-    """Train and/or evaluate; return the trainer and all metrics (what `all_results.json` holds)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
+    """Parse and check every argument that can be checked without loading data or models."""
     model_args, data_args, training_args = parse_recipe_args(DataTrainingArguments, argv, __doc__)
-    setup_logging(training_args)
     if not (training_args.do_train or training_args.do_eval):
         raise ValueError("Nothing to do: pass --do_train and/or --do_eval.")
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a streamed dataset has no length to count epochs from).")
+    check_training_steps(training_args, required=False)
+    if model_args.tokenizer_name is None and model_args.model_name_or_path is None:
+        raise ValueError("--tokenizer_name is required for a new model (a Hub id such as openai-community/gpt2 or a "
+                         "local folder), or pass --model_name_or_path.")
+    return model_args, data_args, training_args
+
+
+def run(argv: list[str] | None = None, arguments: tuple | None = None) -> tuple[Trainer, dict[str, float]]:
+    """Train and/or evaluate; return the trainer and all metrics (what `all_results.json` holds). `arguments`:
+    what `parse_arguments(argv)` returned, when the caller parsed them already."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, training_args = arguments or parse_arguments(argv)
+    setup_logging(training_args)
     set_seed(training_args.seed)
 
     raw_datasets = load_raw_datasets(data_args, model_args)
@@ -272,7 +302,13 @@ def run(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(argv)
+    """`energy-gpt pretrain`: a bad argument ends it at once with one line on stderr and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        arguments = parse_arguments(argv)
+    except (ValueError, FileNotFoundError) as error:
+        return argument_error_exit("pretrain", error)
+    run(argv, arguments)
     return 0
 
 

@@ -16,6 +16,7 @@ from ...io_utils import atomic_directory, atomic_write_json
 from ...modeling import EnergyGPTConfig
 from ..arguments import ModelArguments
 from ..common import argument_error_exit, recipe_command, recipe_parser, setup_logging
+from ..pretrain import check_training_steps
 from . import runner
 from .analysis import aggregate
 from .arguments import REFERENCE_SOLVER, CompareArguments, CompareDataArguments, SolverSpec
@@ -175,8 +176,9 @@ def prepare(argv: list[str], started: float) -> Comparison:
         # One output folder and one timing per run: several ranks would race on both.
         raise RuntimeError("compare runs as a single process; start it with python / energy-gpt, not torchrun.")
     compare_args, model_args, data_args, training_args = parse_args(argv)
-    setup_logging(training_args)
     check_model_arguments(model_args)
+    check_training_steps(training_args, required=True)  # every run trains the same number of steps
+    setup_logging(training_args)
     training_args.include_num_input_tokens_seen = "all"  # tokens/s needs Trainer's count of input tokens
     if model_args.config_name is None:
         model_args.config_overrides = ",".join(filter(None, (DEFAULT_MODEL_OVERRIDES, model_args.config_overrides)))
