@@ -633,6 +633,79 @@ class HuberHeads(nn.Module):
         return output.transpose(1, 2).to(query.dtype), probabilities.to(query.dtype)
 
 
+SOFTMAX_DECAY_INITS = ("retnet", "alibi")
+SOFTMAX_DECAY_INIT = SolverField(
+    name="softmax_decay_init",
+    default="retnet",
+    check=check_choice("softmax_decay_init", SOFTMAX_DECAY_INITS),
+    doc="Initial recency slopes of `softmax_decay`: `retnet` (slope_h = log(1 / gamma_h), gamma_h = 1 - 2^(-5-h), the "
+        "decays `gated_linear` starts from) or `alibi` (ALiBi's geometric slopes 2^(-8 (h + 1) / H)).",
+)
+
+
+def recency_biased_mask(attention_mask, slopes: torch.Tensor, q_len: int, kv_len: int, dtype: torch.dtype
+                        ) -> torch.Tensor:
+    """The additive float mask (batch or 1, heads, q_len, kv_len) of `softmax_decay`: `-slope_h (t - i)` where query t
+    may see key i, the dtype's lowest value elsewhere. Reads every tensor mask form the attention interfaces produce:
+    `None` (pure causal, as `sdpa` leaves it), boolean 4D (True = keep) and additive float 4D (`eager`). Queries are
+    the last `q_len` of the `kv_len` positions."""
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 4):
+        raise ValueError(
+            "`attention_energy`='softmax_decay' adds its recency bias to the attention scores as a float mask, which "
+            f"this attention implementation cannot take (it passes a {type(attention_mask).__name__}"
+            f"{' of shape ' + str(tuple(attention_mask.shape)) if isinstance(attention_mask, torch.Tensor) else ''}; "
+            "flash attention takes no additive mask, flex attention a BlockMask): use attn_implementation='eager' or "
+            "'sdpa'."
+        )
+    device = slopes.device
+    distances = (torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+                 - torch.arange(kv_len, device=device)[None, :]).float()  # t - i
+    bias = (-slopes.float().view(-1, 1, 1) * distances).unsqueeze(0).to(dtype)  # (1, heads, q_len, kv_len)
+    lowest = torch.finfo(dtype).min
+    if attention_mask is None:
+        return bias.masked_fill(distances < 0, lowest)
+    attention_mask = attention_mask[..., :kv_len]
+    if attention_mask.dtype == torch.bool:
+        return bias.masked_fill(~attention_mask, lowest)
+    return (attention_mask.to(dtype) + bias).clamp(min=lowest)
+
+
+class RecencyBiasedSoftmaxHeads(nn.Module):
+    """`softmax_decay` energy: softmax attention with a learned per-head recency bias, the softmax control for the
+    gated linear energy. Per head `o_t = sum_i softmax_i(q_t . k_i * scaling - slope_h (t - i)) v_i`, with
+    `slope_h = -log sigmoid(gate_logit_h) = log(1 / g_h) > 0`: the contribution of a token i steps back is multiplied
+    by `g_h^(t - i)` before normalisation, the decay `gated_linear`'s constant gate `g_h = sigmoid(gate_logit_h)`
+    applies. In energy terms the prior `-slope_h (t - i)` enters each anchor's weight:
+    `F(z) = -T log sum_i exp(-||z - k_i||^2 / 2T - slope_h (t - i))`, and the gradient step is the attention above.
+
+    `softmax_decay_init`: `retnet` (default) starts from RetNet's decays `g_h = 1 - 2^(-5-h)`, as `gated_linear` does;
+    `alibi` from ALiBi's geometric slopes `2^(-8 (h + 1) / H)`. The bias goes through the attention interface as an
+    additive float mask (eager, sdpa); flash and flex attention cannot take it and raise a `ValueError`.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        add_solver_parameters(self, config, layer_idx)
+
+    def recency_slopes(self) -> torch.Tensor:
+        """(heads,) slope_h = log(1 / g_h) > 0."""
+        return -nn.functional.logsigmoid(self.gate_logit.float())
+
+    def forward(self, attention, query, key, value, attention_mask, attention_interface=None, cache=None,
+                cache_index=None, key_padding_mask=None, **kwargs):
+        key, value = keys_visible_without_mask(key, value, attention_mask, query.shape[2])
+        mask = recency_biased_mask(attention_mask, self.recency_slopes(), query.shape[2], key.shape[2], query.dtype)
+        return attention_interface(attention, query, key, value, mask, **kwargs)
+
+
+def _recency_gate_logit(config, layer_idx: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """logit(g_h) for the initial decays: RetNet's `1 - 2^(-5-h)`, or ALiBi's slopes m_h as g_h = exp(-m_h)."""
+    if config.softmax_decay_init == "retnet":
+        return torch.logit(retnet_decays(shape[0]))
+    slopes = torch.pow(2.0, -8.0 * torch.arange(1, shape[0] + 1, dtype=torch.float64) / shape[0])
+    return -torch.log(torch.expm1(slopes))  # logit(exp(-m)) = -log(e^m - 1)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The declarations: the energies' plain gradient steps, and the robust local energy.
 # --------------------------------------------------------------------------------------------------------------------
@@ -704,16 +777,29 @@ register_solver(Solver(
     update_rule="per head: p_ti ~ exp(-rho_delta(||q_t - k_i||) scaling);  o_t = sum_i p_ti min(1, delta/||q_t - k_i||) v_i",
     fields=(HUBER_DELTA,), energies=("softmax",), reduces_to_gpt2=False,
 ), registry=LOCAL_ENERGIES)
+register_solver(Solver(
+    "softmax_decay", HEAD, RecencyBiasedSoftmaxHeads, "softmax with a learned recency bias (ALiBi-style)",
+    "Softmax attention with a learned per-head recency bias -slope_h (t - i) on the scores, slope_h = log(1 / g_h): "
+    "the softmax control with the recency prior of the gated linear energy (same initial decays). Eager and sdpa.",
+    update_rule="per head: o_t = sum_i softmax_i(q_t . k_i / sqrt(d) - slope_h (t - i)) v_i,  slope_h = -log sigmoid(a_h)",
+    fields=(SOFTMAX_DECAY_INIT,),
+    parameters=(SolverParameter("gate_logit", _recency_gate_logit, lambda config, layer_idx: (config.n_head,),
+                                "a_h, the recency decay g_h = sigmoid(a_h) (slope log(1 / g_h)) of the scores.",
+                                per_head=True, always_learned=True),),
+    reduces_to_gpt2=False,
+), registry=ATTENTION_ENERGIES)
 
 __all__ = [
     "EnergyStateLayer",
     "GatedLinearHeads",
     "HuberHeads",
     "LinearHeads",
+    "RecencyBiasedSoftmaxHeads",
     "cache_layer",
     "chunked_linear_attention",
     "energy_state_layer",
     "fla_linear_attention",
     "linear_attention",
+    "recency_biased_mask",
     "recurrent_linear_attention",
 ]

@@ -147,8 +147,9 @@ def test_report_matches_a_plain_loop_over_the_layers():
 
 @pytest.mark.parametrize("overrides", [{}, {"attention_solver": "momentum", "momentum_beta": 0.5},
                                        {"attention_energy": "gated_linear", "linear_feature_map": "identity",
-                                        "linear_normalization": "none"}, {"local_energy": "huber"}],
-                         ids=["gd", "momentum", "gated_linear", "huber"])
+                                        "linear_normalization": "none"}, {"local_energy": "huber"},
+                                       {"attention_energy": "softmax_decay"}, {"attention_solver": "twicing"}],
+                         ids=["gd", "momentum", "gated_linear", "huber", "softmax_decay", "twicing"])
 def test_a_tiny_step_and_its_reverse_split_the_tokens(overrides):
     """Scaling the first layer's attention output by +eps or -eps (float64 model) (c_proj weight and bias) flips the sign of every
     first-order energy change: the two fractions add up to 1 and the mean changes have opposite signs. A zero step
