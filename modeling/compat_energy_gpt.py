@@ -7,11 +7,11 @@ version themselves. Dropping an old release means deleting its branch here and n
 Names every supported release spells the same way are imported directly where they are used, with no shim:
 `transformers.configuration_utils.PreTrainedConfig` (5.0 already has it; `PretrainedConfig` is its alias),
 `transformers.initialization` (5.0 on; its `copy_` / `normal_` skip tensors loaded from a checkpoint),
-`ALL_ATTENTION_FUNCTIONS`, `create_causal_mask`, `DynamicCache` / `DynamicLayer`.
+`create_causal_mask`, `DynamicCache` / `DynamicLayer`.
 
-One private attribute is read on purpose: `config._attn_implementation` (in `attention_implementation` only). It is how
-every transformers model reads the attention backend, and no 5.x release has a public attribute for it
-(`model.set_attn_implementation` writes it; nothing public reads it).
+One private attribute is read on purpose: `config._attn_implementation`, in the attention sublayer exactly as in
+transformers' own models. It is how every transformers model reads the attention backend, and no 5.x release has a
+public attribute for it (`model.set_attn_implementation` writes it; nothing public reads it).
 """
 
 import dataclasses
@@ -23,7 +23,7 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as _TRANSFORMERS_ATTENTION_FUNCTIONS
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -85,19 +85,23 @@ def causal_mask(
     return create_causal_mask(**kwargs)
 
 
-def attention_implementation(config) -> str:
-    """The configured attention backend (`eager`, `sdpa`, `flash_attention_2`, `flex_attention`, a kernel or a
-    registered custom name). `config._attn_implementation` on every 5.x release: there is no public reader."""
-    return config._attn_implementation
+class _AttentionFunctionsWithInterface:
+    """transformers 5.0's attention registry with the `get_interface(name, default)` method that 5.1 added (5.0 has no
+    "eager" entry: the caller's own eager function is the default)."""
+
+    def __init__(self, functions):
+        self.functions = functions
+
+    def get_interface(self, attn_implementation: str, default: Callable) -> Callable:
+        return default if attn_implementation == "eager" else self.functions[attn_implementation]
 
 
-def attention_interface(config, eager: Callable) -> Callable:
-    """The attention function of the configured backend, `eager` for "eager": `ALL_ATTENTION_FUNCTIONS.get_interface`
-    from 5.1; 5.0 has no such method (and no "eager" entry), so a plain lookup there."""
-    implementation = attention_implementation(config)
-    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # 5.1 on
-        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
-    return eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]  # 5.0
+# The attention backends by name, read with `ALL_ATTENTION_FUNCTIONS.get_interface(name, eager)`: transformers' own
+# registry from 5.1; on 5.0 the same registry behind the method it lacks.
+if hasattr(_TRANSFORMERS_ATTENTION_FUNCTIONS, "get_interface"):
+    ALL_ATTENTION_FUNCTIONS = _TRANSFORMERS_ATTENTION_FUNCTIONS
+else:  # 5.0
+    ALL_ATTENTION_FUNCTIONS = _AttentionFunctionsWithInterface(_TRANSFORMERS_ATTENTION_FUNCTIONS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -123,10 +127,9 @@ def tokens_kept_by_crop(argument: int, seq_length: int) -> int:
 
 
 __all__ = [
+    "ALL_ATTENTION_FUNCTIONS",
     "CACHE_ARGUMENT_NAMES",
     "CACHE_OUTPUT_FIELD",
-    "attention_implementation",
-    "attention_interface",
     "cache_argument",
     "causal_mask",
     "output_cache",

@@ -7,6 +7,7 @@ uses only public transformers API; every difference between transformers release
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,8 +27,8 @@ from transformers.utils import logging
 # Remote code on transformers 5.0 copies only the files an entry file imports itself (one level deep): every model
 # file is imported directly here so a local checkpoint folder loads on every release.
 from .compat_energy_gpt import (
+    ALL_ATTENTION_FUNCTIONS,
     CACHE_ARGUMENT_NAMES,
-    attention_interface,
     cache_argument,
     causal_mask,
     output_cache,
@@ -37,7 +38,13 @@ from .compat_energy_gpt import (
 from .configuration_energy_gpt import EnergyGPTConfig
 from .energies_energy_gpt import cache_layer
 from .newton_kernels_energy_gpt import fused_kernels_available  # noqa: F401
-from .solvers_energy_gpt import declared_property, init_solver_parameters, layer_rules
+from .solvers_energy_gpt import (
+    declared_property,
+    init_solver_parameters,
+    layer_rules,
+    reshape_zero_dim_scalars,
+    zero_dim_while_loading,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -106,6 +113,13 @@ class EnergyGPTAttention(nn.Module):
             cache_layer(cache, cache_index)  # the slot of this (loop, layer), appended to the cache if it is new
             key, value = update_kv_cache(cache, key, value, cache_index, cache_position)
 
+        # Spelled as in transformers' models: `set_attn_implementation` switches backends at run time only in a file
+        # whose source shows this lookup (`ALL_ATTENTION_FUNCTIONS.get_interface(` from 5.1; on 5.0,
+        # `ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]` next to `eager_attention_forward`).
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+
         # By keyword, with `attention` in `_skip_keys_device_placement`: accelerate's offload hook on the head rule
         # (it owns lambda) moves its arguments to the execution device, and `.to()` on this module would try to move
         # its offloaded (meta) weights.
@@ -115,7 +129,7 @@ class EnergyGPTAttention(nn.Module):
             key=key,
             value=value,
             attention_mask=attention_mask,
-            attention_interface=attention_interface(self.config, eager_attention_forward),
+            attention_interface=attention_interface,
             cache=cache,
             cache_index=cache_index,
             dropout=self.attn_dropout.p if self.training else 0.0,
@@ -211,13 +225,36 @@ class EnergyGPTPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, which also loads checkpoints saved by EnergyGPT 0.1, whose solver scalars
-        sat under `attn.solver.` (renamed with transformers' `key_mapping` instead of silently re-initialised)."""
+        """`PreTrainedModel.from_pretrained`, which also loads checkpoints of earlier releases: EnergyGPT 0.1's solver
+        scalars sat under `attn.solver.` (renamed with transformers' `key_mapping` instead of silently
+        re-initialised), and per-layer scalars such as `momentum_beta` were 0-dim before they became (1,) for FSDP2
+        (built 0-dim while such a checkpoint loads, then reshaped with their values)."""
         wants_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        if "key_mapping" not in kwargs and any(".attn.solver." in key for key in loading_info["unexpected_keys"]):
-            model, loading_info = super().from_pretrained(
-                *args, output_loading_info=True, key_mapping=_LEGACY_SOLVER_KEYS, **kwargs
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        retry_kwargs, zero_dim = {}, set()
+        while True:
+            # Mismatched sizes are collected rather than raised so the 0-dim scalars of older checkpoints can be told
+            # from real mismatches (raised below unless the caller ignores them).
+            with zero_dim_while_loading(zero_dim):
+                model, loading_info = super().from_pretrained(
+                    *args, output_loading_info=True, ignore_mismatched_sizes=True, **retry_kwargs, **kwargs
+                )
+            legacy_keys = any(".attn.solver." in key for key in loading_info["unexpected_keys"])
+            if legacy_keys and "key_mapping" not in kwargs and "key_mapping" not in retry_kwargs:
+                retry_kwargs["key_mapping"] = _LEGACY_SOLVER_KEYS
+                continue
+            mismatched = [(key, tuple(saved), tuple(expected))
+                          for key, saved, expected, *_ in loading_info["mismatched_keys"]]
+            scalars = {key.rsplit(".", 1)[-1] for key, saved, expected in mismatched if (saved, expected) == ((), (1,))}
+            if scalars - zero_dim:
+                zero_dim |= scalars
+                continue
+            break
+        reshape_zero_dim_scalars(model)
+        if mismatched and not ignore_mismatched_sizes:
+            raise ValueError(
+                "The checkpoint's tensors do not have the model's shapes (key, checkpoint shape, model shape): "
+                f"{sorted(mismatched)}. Pass `ignore_mismatched_sizes=True` to initialise them instead."
             )
         return (model, loading_info) if wants_loading_info else model
 
