@@ -34,6 +34,7 @@ from transformers.utils import logging
 from ..io_utils import atomic_directory, atomic_write_text
 from ..model_card import write_model_card
 from ..modeling import EnergyGPTConfig, EnergyGPTForCausalLM, EnergyGPTForSequenceClassification
+from ..modeling.solvers_energy_gpt import solver_config_fields
 from ..equivalence import (
     energy_axis_config_fields,
     function_preserving_settings,
@@ -330,7 +331,7 @@ def _energy_gpt_config(
         raise ConversionError(str(error)) from error
     # A solver field the chosen solvers do not have is almost certainly a mistake on the command line.
     used_fields = {solver_field.name for rule in schedule_rules(config) for solver_field in rule.fields}
-    unused = sorted(set(overrides) & set(energy_axis_config_fields()[5:]) - used_fields)
+    unused = sorted(set(overrides) & set(solver_config_fields()) - used_fields)
     if unused:
         logger.warning(f"{', '.join(unused)} has no effect with attention_solver={attention_solver!r}.")
     if problems := gpt2_equivalence_problems(config, {}):
