@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .energy_descent import energy_descent_report
 from .modeling.solvers_energy_gpt import registered_rules
 
 
@@ -70,13 +71,37 @@ class record_solver_statistics:
         self.handles = []
 
 
-def solver_report(model: nn.Module) -> dict[str, Any]:
+def decay_gates(head_rule: nn.Module) -> list[float] | None:
+    """The per-head decay a head rule learned, as the gate g_h in (0, 1) (None where it has none): `gated_linear`'s
+    constant gate and `softmax_decay`'s recency decay, sigmoid(gate_logit); the data gate at `k . w = 0`,
+    sigmoid(gate_bias)^(1 / tau)."""
+    if isinstance(logit := getattr(head_rule, "gate_logit", None), torch.Tensor):
+        return torch.sigmoid(logit.detach().float()).cpu().tolist()
+    if isinstance(bias := getattr(head_rule, "gate_bias", None), torch.Tensor):
+        temperature = float(getattr(head_rule, "gate_temperature", 1.0))
+        return torch.sigmoid(bias.detach().float()).pow(1.0 / temperature).cpu().tolist()
+    return None
+
+
+def solver_report(model: nn.Module, input_ids: torch.Tensor | None = None,
+                  attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
     """What the solvers learned: {"parameters": {name: [value per layer (a list for per-head values), None where the
-    layer has none]}, "newton_bound_engagement": [fraction per layer or None], "newton_trace_rule_engagement": [...]}.
-    The engagement fractions are those of the last forward run under `record_solver_statistics(model)`."""
+    layer has none]}, "newton_bound_engagement": [fraction per layer or None], "newton_trace_rule_engagement": [...],
+    "decay_gate": [per-head gates g_h per layer, or None] (see `decay_gates`)}.
+    The engagement fractions are those of the last forward run under `record_solver_statistics(model)`. Given
+    `input_ids` (and their `attention_mask`), the report also holds `energy_gpt.energy_descent.energy_descent_report`
+    on them: "energy_descent_fraction" and "energy_descent_mean_change", per layer and head."""
+    report = _learned_values(model)
+    if input_ids is not None:
+        report.update(energy_descent_report(model, input_ids, attention_mask))
+    return report
+
+
+def _learned_values(model: nn.Module) -> dict[str, Any]:
     base = getattr(model, "base_model", model)
     blocks = list(base.h)
-    report: dict[str, Any] = {"parameters": {}, "newton_bound_engagement": [], "newton_trace_rule_engagement": []}
+    report: dict[str, Any] = {"parameters": {}, "newton_bound_engagement": [], "newton_trace_rule_engagement": [],
+                              "decay_gate": []}
     names = sorted(solver_parameter_names())
     for layer, block in enumerate(blocks):
         for name in names:
@@ -88,7 +113,8 @@ def solver_report(model: nn.Module) -> dict[str, Any]:
         for key in ("bound_engagement", "trace_rule_engagement"):
             value = statistics.get(key)
             report[f"newton_{key}"].append(None if value is None else float(value))
+        report["decay_gate"].append(decay_gates(block.attn.head_rule))
     return report
 
 
-__all__ = ["record_solver_statistics", "solver_parameter_names", "solver_report"]
+__all__ = ["decay_gates", "record_solver_statistics", "solver_parameter_names", "solver_report"]

@@ -179,3 +179,22 @@ def test_looped_depth_reports_every_application():
     model = _model(num_loops=2)
     report = energy_descent_report(model, torch.tensor([[1, 2, 3, 4]]))
     assert len(report["energy_descent_fraction"]) == 4 and len(report["energy_descent_fraction"][0]) == 2
+
+
+def test_solver_report_holds_the_check_and_the_learned_decays():
+    """`solver_report(model, input_ids)` adds the energy-descent report; every report names the learned decay gates
+    (RetNet's gamma_h = 1 - 2^(-5-h) at init, for gated_linear's data and constant gates and softmax_decay)."""
+    from energy_gpt import solver_report
+
+    input_ids = torch.tensor([[5, 17, 3, 99, 42, 8]])
+    model = _model()
+    report = solver_report(model, input_ids)
+    assert report["energy_descent_fraction"] == energy_descent_report(model, input_ids)["energy_descent_fraction"]
+    assert report["decay_gate"] == [None, None]
+    assert "energy_descent_fraction" not in solver_report(model)
+    gammas = (1.0 - 2.0 ** -(5.0 + torch.arange(2, dtype=torch.float64))).tolist()
+    for overrides in ({"attention_energy": "gated_linear"}, {"attention_energy": "gated_linear",
+                                                             "gated_linear_gate": "constant"},
+                      {"attention_energy": "softmax_decay"}):
+        for gates in solver_report(_model(**overrides))["decay_gate"]:
+            assert gates == pytest.approx(gammas, rel=1e-5)
