@@ -34,6 +34,7 @@ from transformers.utils import logging
 from ..io_utils import atomic_directory, atomic_write_text
 from ..model_card import write_model_card
 from ..modeling import EnergyGPTConfig, EnergyGPTForCausalLM, EnergyGPTForSequenceClassification
+from ..modeling.configuration_energy_gpt import GPT2_DOUBLE_HEADS_FIELDS
 from ..modeling.solvers_energy_gpt import solver_config_fields
 from ..equivalence import (
     energy_axis_config_fields,
@@ -310,7 +311,8 @@ def _energy_gpt_config(
 ) -> EnergyGPTConfig:
     # GPT2Config normalises old config files (e.g. the Hub's `n_ctx`); then keep the fields EnergyGPT shares with it.
     gpt2_fields = GPT2Config.from_dict(source_config).to_dict()
-    carried = {k: v for k, v in gpt2_fields.items() if k not in NOT_CARRIED_CONFIG_KEYS}
+    # The `summary_*` fields configure GPT-2's double-heads model only (no weights converted here): left at defaults.
+    carried = {k: v for k, v in gpt2_fields.items() if k not in (*NOT_CARRIED_CONFIG_KEYS, *GPT2_DOUBLE_HEADS_FIELDS)}
     if num_labels is not None:
         carried.pop("id2label", None)
         carried.pop("label2id", None)

@@ -1,6 +1,9 @@
 """EnergyGPT configuration.
 
-Every `GPT2Config` field keeps its name and default, so `EnergyGPTConfig(**GPT2Config().to_dict())` works. The solver
+Every `GPT2Config` field keeps its name and default, so `EnergyGPTConfig(**GPT2Config().to_dict())` works. Each is
+honoured, except three kinds refused at any value but their default, with an error saying why: `add_cross_attention`
+(decoder only), `reorder_and_upcast_attn` (no fp32 upcast path) and the `summary_*` fields of GPT-2's double-heads
+model (EnergyGPT has none; GPT-2 -> EnergyGPT conversion leaves them behind). The solver
 fields come from the solver registry (`solvers_energy_gpt.py`): each solver declares its own fields, defaults and
 checks, so adding a solver never touches this file. All checks run in one place, `EnergyGPTConfig._validate_config`
 (explicit messages, in the style of llm-foundry's MPT config), called when a config is built or loaded and again when
@@ -12,6 +15,7 @@ remote code, so a checkpoint's copy of this file loads across the whole supporte
 
 from typing import Any
 
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 
 # Remote code on transformers 5.0 copies only the files an entry file imports itself (one level deep): every model
@@ -25,6 +29,7 @@ from .solvers_energy_gpt import (
     check_bool,
     check_choice,
     check_number_in,
+    check_positive,
     solver_config_fields,
     validate_solver_schedule,
 )
@@ -36,6 +41,17 @@ ENERGY_GPT_AUTO_MAP = {
     "AutoModel": "modeling_energy_gpt.EnergyGPTModel",
     "AutoModelForCausalLM": "modeling_energy_gpt.EnergyGPTForCausalLM",
     "AutoModelForSequenceClassification": "modeling_energy_gpt.EnergyGPTForSequenceClassification",
+}
+
+
+# GPT-2's fields of its double-heads (multiple-choice) model, `GPT2DoubleHeadsModel`, with their defaults. EnergyGPT has
+# no such model, so they are kept only for GPT-2 config compatibility and must stay at these values.
+GPT2_DOUBLE_HEADS_FIELDS = {
+    "summary_type": "cls_index",
+    "summary_use_proj": True,
+    "summary_activation": None,
+    "summary_proj_to_labels": True,
+    "summary_first_dropout": 0.1,
 }
 
 
@@ -75,6 +91,13 @@ class EnergyGPTConfig(PreTrainedConfig):
 
     model_type = "energy_gpt"
     keys_to_ignore_at_inference = list(CACHE_ARGUMENT_NAMES)
+    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")`): the MLP is split, `c_fc` by columns and `c_proj` by
+    # rows. The attention stays replicated on every rank: `c_attn` is fused [q | k | v], and no parallel style of
+    # every supported transformers release splits each of q, k and v by heads ("colwise" cuts the fused output into
+    # contiguous pieces, e.g. q and half of k; "packed_colwise", where it exists, splits two packed blocks, not three).
+    # Every head rule and per-head parameter (`newton_lambda`, energy gates) thus runs whole on each rank, and the
+    # per-layer scalars are replicated. See docs/distributed.md.
+    base_model_tp_plan = {"h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"}
     attribute_map = {
         "hidden_size": "n_embd",
         "max_position_embeddings": "n_positions",
@@ -177,6 +200,26 @@ class EnergyGPTConfig(PreTrainedConfig):
             check_number_in(name, 0.0, 1.0)(getattr(self, name))
         if self.add_cross_attention:
             raise ValueError("`add_cross_attention` must be False: EnergyGPT is a decoder-only model, got True.")
+        if self.reorder_and_upcast_attn:
+            raise ValueError(
+                "`reorder_and_upcast_attn` must be False, got True: EnergyGPT's softmax attention runs in the model's "
+                "dtype through the configured backend, as GPT-2's does without this option (eager does not upcast). "
+                "For fp32 attention, run the model in float32 (`dtype=torch.float32`)."
+            )
+        for name, default in GPT2_DOUBLE_HEADS_FIELDS.items():
+            if getattr(self, name) != default:
+                raise ValueError(
+                    f"`{name}` must be {default!r} (its default), got {getattr(self, name)!r}: it configures GPT-2's "
+                    "double-heads (multiple-choice) model, which EnergyGPT does not have."
+                )
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx"):
+            check_bool(name)(getattr(self, name))
+        if self.activation_function not in ACT2FN:
+            raise ValueError(
+                f"`activation_function` must be one of {sorted(ACT2FN)}, got {self.activation_function!r}."
+            )
+        check_positive("layer_norm_epsilon")(self.layer_norm_epsilon)
+        check_number_in("initializer_range", 0.0, float("inf"), high_open=True)(self.initializer_range)
         if self.n_embd % self.n_head != 0:
             divisors = [h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]
             raise ValueError(
@@ -191,4 +234,4 @@ class EnergyGPTConfig(PreTrainedConfig):
         validate_solver_schedule(self)
 
 
-__all__ = ["EnergyGPTConfig", "ENERGY_GPT_AUTO_MAP"]
+__all__ = ["EnergyGPTConfig", "ENERGY_GPT_AUTO_MAP", "GPT2_DOUBLE_HEADS_FIELDS"]

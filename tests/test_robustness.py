@@ -135,6 +135,14 @@ invalid_fields = st.sampled_from(
         ("attention_energy", st.sampled_from(["cosine", "Linear"])),
         ("newton_lambda", st.sampled_from([math.inf, -math.inf, math.nan])),
         ("learn_solver_params", st.sampled_from(["yes", 1, None])),
+        ("reorder_and_upcast_attn", st.just(True)),
+        ("summary_type", st.sampled_from(["mean", "last", "attn"])),
+        ("summary_use_proj", st.just(False)),
+        ("summary_first_dropout", st.floats(0.0, 0.09)),
+        ("activation_function", st.sampled_from(["gelu_old", "", "GELU"])),
+        ("layer_norm_epsilon", st.sampled_from([0.0, -1e-5, math.nan])),
+        ("scale_attn_weights", st.sampled_from([1, "yes", None])),
+        ("initializer_range", st.sampled_from([-0.02, math.inf])),
     ]
 )
 
@@ -152,6 +160,23 @@ def test_invalid_configs_raise_value_error_naming_the_field(data):
     setattr(config, field, value)
     with pytest.raises(ValueError, match=rf"`{field}`"):
         EnergyGPTForCausalLM(config)
+
+
+def test_gpt2_fields_without_an_effect_here_are_refused_and_say_why():
+    from transformers import GPT2Config
+
+    from energy_gpt.conversion.gpt2 import _energy_gpt_config
+
+    with pytest.raises(ValueError, match=r"`reorder_and_upcast_attn` must be False.*float32"):
+        tiny_config(reorder_and_upcast_attn=True)
+    with pytest.raises(ValueError, match=r"`summary_activation` must be None .*double-heads"):
+        tiny_config(summary_activation="tanh")
+    # Every GPT-2 config at its defaults (as the Hub's GPT-2 checkpoints are) is an EnergyGPT config ...
+    EnergyGPTConfig(**GPT2Config().to_dict())
+    # ... and conversion leaves the double-heads fields behind, whatever a checkpoint says about that head.
+    source = GPT2Config(n_layer=1, n_embd=8, n_head=2, summary_type="mean", summary_activation="tanh").to_dict()
+    converted = _energy_gpt_config(source, "gd", "causal-lm", None, {})
+    assert (converted.summary_type, converted.summary_activation, converted.n_embd) == ("cls_index", None, 8)
 
 
 @pytest.mark.parametrize(("n_embd", "n_head"), [(30, 4), (32, 3), (10, 20)])
