@@ -39,7 +39,7 @@ register_solver(Solver(
     update_rule="x' = x + gamma_l * A(LN1(x))",
     fields=(SolverField("toy_gamma_init", 1.0, check_number_in("toy_gamma_init", 0.0, 10.0),
                         "Initial step size gamma of every layer.", gpt2_value=1.0),),
-    parameters=(SolverParameter("toy_gamma", "toy_gamma_init", lambda config, layer_idx: (), "gamma_l"),),
+    parameters=(SolverParameter("toy_gamma", "toy_gamma_init", lambda config, layer_idx: (1,), "gamma_l"),),
 ))
 '''
 
@@ -81,7 +81,7 @@ def test_save_load_and_report(toy_solver, tmp_path):
     reloaded = EnergyGPTForCausalLM.from_pretrained(tmp_path).eval()
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, reloaded.state_dict()[name]), name
-    assert solver_report(reloaded)["parameters"]["toy_gamma"] == [0.5, 0.75, 1.0]
+    assert solver_report(reloaded)["parameters"]["toy_gamma"] == [[0.5], [0.75], [1.0]]
     ids = torch.randint(0, 100, (2, 9))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
