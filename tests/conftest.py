@@ -63,6 +63,17 @@ def tiny_config(**overrides):
     return EnergyGPTConfig(**{**TINY, **overrides})
 
 
+def left_pad(prompts: list, pad: int) -> tuple:
+    """Token-id prompts of different lengths as one left-padded batch: (input_ids, attention_mask), 0 on padding."""
+    longest = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), longest), pad)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt):] = prompt
+        attention_mask[row, longest - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
 def tiny_gpt2_config(**overrides):
     from transformers import GPT2Config
 

@@ -15,7 +15,7 @@ import functools
 
 import pytest
 import torch
-from conftest import ATTENTION_IMPLEMENTATIONS, run_without_energy_gpt, tiny_config
+from conftest import ATTENTION_IMPLEMENTATIONS, left_pad, run_without_energy_gpt, tiny_config
 from test_modeling import WIDE_INIT, one_thread, set_solver_params  # noqa: F401 (autouse fixture)
 from transformers import PreTrainedTokenizerFast, pipeline
 
@@ -140,12 +140,8 @@ def assert_left_padded_batch_equals_each_row_alone(model, **generate_kwargs) -> 
     continuation equals the plain loop on its unpadded prompt alone."""
     torch.manual_seed(2)
     prompts = [torch.randint(0, PAD, (length,)) for length in (5, 8, 3)]
-    longest = max(len(prompt) for prompt in prompts)
-    batch_ids = torch.full((len(prompts), longest), PAD)
-    batch_mask = torch.zeros_like(batch_ids)
-    for row, prompt in enumerate(prompts):
-        batch_ids[row, longest - len(prompt):] = prompt
-        batch_mask[row, longest - len(prompt):] = 1
+    batch_ids, batch_mask = left_pad(prompts, PAD)
+    longest = batch_ids.shape[1]
     batched = greedy(model, batch_ids, batch_mask, **generate_kwargs)[:, longest:]
     for row, prompt in enumerate(prompts):
         alone = plain_loop(model, prompt.unsqueeze(0))[0][0, len(prompt):]

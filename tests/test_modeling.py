@@ -15,6 +15,7 @@ from conftest import (
     GPT2_EAGER_BIT_EXACT,
     assert_same_as_gpt2,
     gpt2_to_energy_state_dict,
+    left_pad,
     tiny_config,
     tiny_gpt2_config,
 )
@@ -451,12 +452,8 @@ def test_greedy_generation_with_cache_equals_without(variant, attn):
 def test_batched_left_padded_generation_equals_one_by_one(variant, attn):
     model = generation_model(variant, attn)
     prompts = [torch.randint(0, PAD, (length,)) for length in (5, 8, 3)]
-    longest = max(len(prompt) for prompt in prompts)
-    batch_ids = torch.full((len(prompts), longest), PAD)
-    batch_mask = torch.zeros_like(batch_ids)
-    for row, prompt in enumerate(prompts):
-        batch_ids[row, longest - len(prompt) :] = prompt
-        batch_mask[row, longest - len(prompt) :] = 1
+    batch_ids, batch_mask = left_pad(prompts, PAD)
+    longest = batch_ids.shape[1]
     batched = greedy(model, batch_ids, batch_mask)[:, longest:]
     for row, prompt in enumerate(prompts):
         alone = greedy(model, prompt.unsqueeze(0))[:, len(prompt) :]
