@@ -87,6 +87,9 @@ class EnergyGPTAttention(nn.Module):
         head = layer_rules(config, layer_idx)[1]
         self.head_rule = head.rule(config, layer_idx)
         self.uses_kv_cache = head.uses_kv_cache  # False: the rule keeps its own state in the cache (linear energies)
+        # False: the rule reads more than one attention call gives it, which an engine keeping the KV itself cannot serve.
+        self.single_attention_call = head.single_attention_call
+        self.head_rule_name = head.name
 
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
         return states.view(*states.shape[:-1], -1, self.head_dim).transpose(1, 2)
@@ -226,23 +229,20 @@ class EnergyGPTPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, which also loads checkpoints of earlier releases: EnergyGPT 0.1's solver
-        scalars sat under `attn.solver.` (renamed with transformers' `key_mapping` instead of silently
-        re-initialised), and per-layer scalars such as `momentum_beta` were 0-dim before they became (1,) for FSDP2
+        scalars sat under `attn.solver.` (renamed in the same pass by transformers' `key_mapping`, which is
+        `_LEGACY_SOLVER_KEYS` unless the caller gives one; it renames nothing in today's checkpoints), and per-layer scalars such as `momentum_beta` were 0-dim before they became (1,) for FSDP2
         (built 0-dim while such a checkpoint loads, then reshaped with their values)."""
         wants_loading_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
-        retry_kwargs, zero_dim = {}, set()
+        kwargs.setdefault("key_mapping", _LEGACY_SOLVER_KEYS)
+        zero_dim = set()
         while True:
             # Mismatched sizes are collected rather than raised so the 0-dim scalars of older checkpoints can be told
             # from real mismatches (raised below unless the caller ignores them).
             with zero_dim_while_loading(zero_dim):
                 model, loading_info = super().from_pretrained(
-                    *args, output_loading_info=True, ignore_mismatched_sizes=True, **retry_kwargs, **kwargs
+                    *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
                 )
-            legacy_keys = any(".attn.solver." in key for key in loading_info["unexpected_keys"])
-            if legacy_keys and "key_mapping" not in kwargs and "key_mapping" not in retry_kwargs:
-                retry_kwargs["key_mapping"] = _LEGACY_SOLVER_KEYS
-                continue
             mismatched = [(key, tuple(saved), tuple(expected))
                           for key, saved, expected, *_ in loading_info["mismatched_keys"]]
             scalars = {key.rsplit(".", 1)[-1] for key, saved, expected in mismatched if (saved, expected) == ((), (1,))}
@@ -257,6 +257,12 @@ class EnergyGPTPreTrainedModel(PreTrainedModel):
                 f"{sorted(mismatched)}. Pass `ignore_mismatched_sizes=True` to initialise them instead."
             )
         return (model, loading_info) if wants_loading_info else model
+
+    def save_pretrained(self, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, writing today's tensor names: transformers would otherwise write back the
+        names `key_mapping` renamed at load (its `save_original_format=True` default), e.g. EnergyGPT 0.1's."""
+        kwargs.setdefault("save_original_format", False)
+        return super().save_pretrained(*args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -331,6 +337,26 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
                 )
         return batch_size, seq_length
 
+    def _check_every_token_reaches_the_rules(self, position_ids: torch.Tensor, past_length: int, seq_length: int):
+        """Refuse a serving engine that keeps the keys and values itself (vLLM's Transformers backend calls the model
+        without a transformers cache and gives only the new tokens, with their true positions) when a layer's head
+        rule needs more than one attention call on those tokens: it would silently compute something else. Detected
+        from the caller's positions running past the tokens this call can see (cached + new); a host read of the
+        positions, done only when the caller passes them and a layer has such a rule."""
+        unservable = sorted({block.attn.head_rule_name for block in self.h if not block.attn.single_attention_call})
+        if not unservable or torch.compiler.is_compiling():
+            return
+        last_position = int(position_ids.max())
+        if last_position >= past_length + seq_length:
+            raise ValueError(
+                f"The head rules {unservable} cannot be served by an engine that keeps the keys and values itself "
+                f"(e.g. vLLM's Transformers backend): `position_ids` reach {last_position}, but only {past_length} "
+                f"cached + {seq_length} new tokens reach the model. These rules read every earlier token (Newton's "
+                "covariance, a second attention pass, a recurrent state, their own weights), which such an engine "
+                "does not pass. Serve a solver whose heads are plain softmax attention (gd, momentum, nag, dense), or "
+                "generate with transformers (`model.generate`). See docs/distributed.md."
+            )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -371,6 +397,8 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
         # The mask only sees the caller's position ids: transformers reads them on the host to detect packed sequences
         # (a device sync per forward on an accelerator), which the default positions never are.
         mask_position_ids = position_ids
+        if position_ids is not None:
+            self._check_every_token_reaches_the_rules(position_ids, past_length, seq_length)
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
             position_ids = position_ids.unsqueeze(0)

@@ -90,7 +90,9 @@ class Solver:
     Residual rules declare the state they carry across layers (`state_kind`, `None`: nothing), whether that state can
     go round the block stack again (`supports_loops`), whether their lookahead point feeds only the queries
     (`queries_only_lookahead`, a bool or a function of the config) and whether a lone head rule composes with them
-    (`default_residual`). Head rules declare whether they read the usual KV cache (`uses_kv_cache`) and the energies
+    (`default_residual`). Head rules declare whether they read the usual KV cache (`uses_kv_cache`), whether they are
+    one call of the attention interface on (q, k, v) and nothing more (`single_attention_call`: then a serving engine
+    that keeps the keys and values itself, as vLLM's Transformers backend does, can serve them) and the energies
     they exist for (`energies`; for a local energy: the energies it modifies). `reduces_to_gpt2` is whether the rule
     computes exactly GPT-2 at its fields' `gpt2_value`s; `check_config(config)` runs checks across fields.
     """
@@ -111,6 +113,7 @@ class Solver:
     queries_only_lookahead: bool | Callable[[Any], bool] = False
     default_residual: bool = False
     uses_kv_cache: bool = True
+    single_attention_call: bool = False
 
 
 ATTENTION_SOLVERS: dict[str, Solver] = {}
@@ -630,7 +633,8 @@ class NewtonHeads(nn.Module):
         if dropout > 0.0:
             probs = nn.functional.dropout(attention_probabilities(query, key, attention_mask, scaling), p=dropout)
             mean = torch.matmul(probs, value.float())
-            correction = self._bounded(*self._step_from_probabilities(probs, value.float(), mean, probs.sum(-1, keepdim=True)))
+            mass = probs.sum(-1, keepdim=True)
+            correction = self._bounded(*self._step_from_probabilities(probs, value.float(), mean, mass))
             return (mean + correction).to(value.dtype).transpose(1, 2), probs.to(value.dtype)
         # mu through the attention interface, so lambda = 0 reproduces GPT-2 bit for bit on every backend.
         attn_output, attn_weights = attention_interface(attention, query, key, value, attention_mask,
@@ -684,7 +688,9 @@ class NewtonHeads(nn.Module):
     def _covariance_step(self, products, second_moment, mean, mass):
         """(Sigma mu, its size relative to mu, trace(Sigma)) from `sum_i p_i (v_i . mu) v_i` and `sum_i p_i ||v_i||^2`
         (per token and head)."""
-        centring = (mean * mean).sum(-1, keepdim=True) if mass is None else (2.0 - mass) * (mean * mean).sum(-1, keepdim=True)
+        centring = (mean * mean).sum(-1, keepdim=True)
+        if mass is not None:
+            centring = (2.0 - mass) * centring
         sigma_mean = products - centring * mean
         return sigma_mean, _relative_size(sigma_mean, mean), second_moment - centring
 
@@ -898,6 +904,7 @@ register_solver(Solver(
     "softmax", HEAD, SoftmaxHeads, "MHA",
     "Softmax attention: the free energy -T log sum_i exp(-||z - v_i||^2 / 2T) of elastic local energies.",
     update_rule="per head: o = sum_i softmax_i(q . k_i / sqrt(d)) v_i",
+    single_attention_call=True,
 ), registry=ATTENTION_ENERGIES)
 
 
