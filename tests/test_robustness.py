@@ -455,9 +455,11 @@ def test_newton_chunked_backward_matches_autograd(padded):
 
 
 @pytest.mark.parametrize("solver", ["momentum", "newton"])
-def test_checkpoints_of_version_0_1_load_their_solver_scalars(solver, tmp_path):
-    """EnergyGPT 0.1 stored beta / lambda under `attn.solver.`; loading one must not silently re-initialise them."""
+def test_checkpoints_of_version_0_1_load_their_solver_scalars(solver, tmp_path, monkeypatch):
+    """EnergyGPT 0.1 stored beta / lambda under `attn.solver.`; loading one must not silently re-initialise them, and
+    takes one pass over the weights."""
     from safetensors.torch import load_file, save_file
+    from transformers import PreTrainedModel
 
     model = EnergyGPTForCausalLM(tiny_config(attention_solver=solver, initializer_range=0.2)).eval()
     with torch.no_grad():
@@ -472,7 +474,19 @@ def test_checkpoints_of_version_0_1_load_their_solver_scalars(solver, tmp_path):
     assert any(".attn.solver." in key for key in legacy)
     save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
 
+    loads = []
+    load = PreTrainedModel.from_pretrained.__func__
+
+    def counted_load(cls, *args, **kwargs):
+        loads.append(kwargs.get("key_mapping"))
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(counted_load))
     reloaded, info = EnergyGPTForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert len(loads) == 1 and loads[0], "the legacy names are renamed in the one and only pass over the weights"
     assert not info["missing_keys"] and not info["unexpected_keys"]
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, reloaded.state_dict()[name]), name
+    # Saved again, the checkpoint has today's names (not the ones it was loaded from).
+    reloaded.save_pretrained(tmp_path / "resaved")
+    assert sorted(load_file(tmp_path / "resaved" / "model.safetensors")) == sorted(weights)
