@@ -303,7 +303,14 @@ def test_text_without_tokenizer_trains_a_bpe_and_the_model_matches_it(tmp_path, 
     table = (output_dir / "comparison.md").read_text()
     assert "byte-level BPE of 300 tokens trained on the training split" in table and "model vocabulary 300" in table
     assert "one seed: no interval, no verdict" not in table  # gd is the reference itself
-    assert f"| gd | {run['num_parameters']:,} | 1 |" in table
+    assert f"| gd | {run['num_parameters']:,} | " in table
+    # Training FLOPs estimate, by hand: 3 x (2 x matrix weights + 4 n_layer n_ctx n_embd) per token. Matrix weights:
+    # the tied embedding / output projection 300 x 16, c_attn 16 x 48, c_proj 16 x 16, c_fc 16 x 64, c_proj 64 x 16.
+    matrix_weights = 300 * 16 + 16 * 48 + 16 * 16 + 16 * 64 + 64 * 16
+    assert run["training_flops_estimate"] == 3 * (2 * matrix_weights + 4 * 1 * 16 * 16) * run["train_tokens"]
+    # FlopCounterMode's count leaves out the fused CPU attention kernel (no attention mask here): the estimate is what
+    # the table shows.
+    assert 0 < run["training_flops"] <= run["training_flops_estimate"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -447,7 +454,11 @@ def test_baseline_dir_supplies_gd_and_must_match_the_settings(tiny_comparison, t
     earlier = json.loads((tiny_comparison / "loss_curves.json").read_text())
     assert report["reference"]["label"] == "gd" and str(tiny_comparison) in report["reference"]["description"]
     # The same (deterministic) newton_light runs, compared with the same gd runs: the same paired difference.
-    assert report["summary"]["newton_light"]["vs_reference"] == earlier["summary"]["newton_light"]["vs_reference"]
+    # (Holm's m and the step times differ: here one solver is compared, there two; timings are the machine's.)
+    now, before = report["summary"]["newton_light"]["vs_reference"], earlier["summary"]["newton_light"]["vs_reference"]
+    for key in ("mean", "sd", "low", "high", "p_value", "verdict", "signs"):
+        assert now["final_validation_loss"][key] == before["final_validation_loss"][key], key
+    assert now["steps_to_target"] == before["steps_to_target"]
     assert sorted(p.name for p in (output_dir / "runs").iterdir()) == ["newton_light"]  # gd is not copied
     assert "the gd runs of --baseline_dir" in (output_dir / "comparison.md").read_text()
 
@@ -477,7 +488,7 @@ def test_interrupted_comparison_resumes_without_retraining_finished_runs(tmp_pat
         compare.main(argv)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == handler_before  # the caller's handler is back
-    assert trained == [("gd", 1), ("nag", 1), ("gd", 2)]
+    assert trained == [("gd", 1), ("nag", 1), ("nag", 2)]  # the second seed starts at the second solver
     assert not list(tmp_path.rglob(".*"))  # no hidden partial folder
     first_seed = {label: (output_dir / "runs" / label / "seed-1" / "run.json").read_text() for label in ("gd", "nag")}
     assert sorted(p.relative_to(output_dir).as_posix() for p in (output_dir / "runs").rglob("*")) == [
@@ -494,7 +505,7 @@ def test_interrupted_comparison_resumes_without_retraining_finished_runs(tmp_pat
     trained.clear()
     monkeypatch.setattr(runner, "train_one_run", lambda *args: trained.append(args[:2]) or original(*args))
     assert compare.main([*argv, "--resume"]) == 0
-    assert [(spec.label, seed) for spec, seed in trained] == [("gd", 2), ("nag", 2)]
+    assert [(spec.label, seed) for spec, seed in trained] == [("nag", 2), ("gd", 2)]
     assert not list(tmp_path.rglob(".*"))
     assert {label: (output_dir / "runs" / label / "seed-1" / "run.json").read_text() for label in ("gd", "nag")} == (
         first_seed)

@@ -70,3 +70,55 @@ def test_steps_to_reach_is_interpolated_and_does_not_flip_on_a_tiny_difference()
     # A 0.0001-nat change of one loss moves the answer a little, not by a whole evaluation interval.
     nudged = [{"step": 0, "loss": 4.0}, {"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.0001}]
     assert steps_to_reach(nudged, 1.5) == pytest.approx(15.0, abs=0.01)
+
+
+def test_p_value_equals_scipys_paired_t_test_and_signs_are_counted():
+    from scipy import stats
+
+    from energy_gpt.recipes.stats import paired_difference, sign_text
+
+    values, reference = [1.30, 1.25, 1.41, 1.28], [1.20, 1.27, 1.30, 1.21]
+    difference = paired_difference(values, reference)
+    assert difference.p_value == pytest.approx(stats.ttest_rel(values, reference).pvalue)
+    assert (difference.higher, difference.lower) == (3, 1)
+    assert sign_text(difference, "better", "worse") == "worse in 3/4, better in 1/4 seeds"
+    assert sign_text(paired_difference([1.0, 2.0], [0.0, 0.0]), "better", "worse") == "worse in 2/2 seeds"
+    assert paired_difference([1.0], [0.0]).p_value is None  # one pair: no test
+    assert paired_difference([1.0, 1.0], [0.0, 0.0]).p_value == 0.0  # identical differences, not zero
+
+
+def test_holm_adjustment_by_hand():
+    from energy_gpt.recipes.stats import holm_adjust
+
+    # m = 3 tested (None is no test): sorted 0.01, 0.03, 0.04 -> 3 * 0.01, 2 * 0.03, max(0.06, 1 * 0.04).
+    assert holm_adjust([0.01, 0.04, None, 0.03]) == pytest.approx([0.03, 0.06, None, 0.06])
+    assert holm_adjust([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm_adjust([0.02]) == pytest.approx([0.02])  # one comparison: unchanged
+    assert holm_adjust([]) == []
+
+
+def test_adjusted_verdict_needs_the_adjusted_p_value():
+    from energy_gpt.recipes.stats import adjusted_verdict, paired_difference, verdict
+
+    difference = paired_difference([12.0, 13.0, 14.0], [10.0, 10.0, 10.0])  # p = 0.035
+    assert verdict(difference, "better", "worse") == "worse"
+    assert adjusted_verdict(difference, 0.035, "better", "worse") == "worse"
+    assert adjusted_verdict(difference, 0.105, "better", "worse") == "no difference detected at 3 seeds"
+
+
+def test_paired_ratio_is_the_geometric_mean_with_a_log_scale_interval():
+    from energy_gpt.recipes.stats import paired_ratio, ratio_verdict
+
+    # Ratios 2, 2, 2 (sd 0 on the log scale): exactly 2 with a zero-width interval.
+    ratio = paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
+    assert ratio.ratio == pytest.approx(2.0) and ratio.low == pytest.approx(2.0) and ratio.high == pytest.approx(2.0)
+    assert ratio_verdict(ratio, "faster", "slower") == "slower"
+    # Ratios 1/2 and 2: geometric mean 1; log ratios -ln 2, +ln 2, sd ln2 * sqrt(2), t(0.975, 1) = 12.706.
+    ratio = paired_ratio([1.0, 2.0], [2.0, 1.0])
+    half_width = 12.706204736174698 * math.log(2) * math.sqrt(2) / math.sqrt(2)
+    assert ratio.ratio == pytest.approx(1.0)
+    assert ratio.low == pytest.approx(math.exp(-half_width)) and ratio.high == pytest.approx(math.exp(half_width))
+    assert ratio_verdict(ratio, "faster", "slower") == "no difference detected at 2 seeds"
+    assert ratio_verdict(paired_ratio([1.0], [2.0]), "faster", "slower") == "one seed: no interval, no verdict"
+    with pytest.raises(ValueError, match="positive"):
+        paired_ratio([0.0], [1.0])

@@ -180,7 +180,7 @@ def build_model(
     else:
         model = model_class._from_config(config)
         n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
-        logger.info(f"Training a new {config.attention_solver} model from scratch: {n_params / 2**20:.2f}M parameters")
+        logger.info(f"Training a new {config.attention_solver} model from scratch: {n_params:,} parameters")
     # Only grow the embeddings when the tokenizer needs it (a tiny test vocabulary stays tiny otherwise).
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))

@@ -7,7 +7,19 @@ from typing import Any
 
 import numpy as np
 
-from ..stats import loss_at_step, paired_difference, steps_to_reach, summarize_values, verdict
+from ..stats import (
+    PairedDifference,
+    adjusted_verdict,
+    holm_adjust,
+    loss_at_step,
+    paired_difference,
+    paired_ratio,
+    ratio_verdict,
+    sign_text,
+    steps_to_reach,
+    summarize_values,
+    verdict,
+)
 
 TARGET_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # points of gd's curve whose loss the other solvers must reach
 
@@ -24,6 +36,7 @@ def seed_measures(run: dict[str, Any], reference: dict[str, Any] | None, toleran
         "best_validation_loss": run["best_validation_loss"],
         "perplexity": _perplexity(run["final_validation_loss"]),
         "tokens_per_second": run["tokens_per_second"],
+        "step_seconds": run["train_step_seconds"] / run["steps"] if run["steps"] else None,
         "peak_memory_mib": run["peak_memory_mib"],
         "steps_to_target": {},
         "seconds_to_target": {},
@@ -62,6 +75,9 @@ def aggregate(
             "seeds": [measures["seed"] for measures in per_seed],
             "per_seed": per_seed,
             "num_parameters": first_run["num_parameters"],
+            # Older run.json files have no FLOP count: None, shown as "–".
+            "training_flops": first_run.get("training_flops"),
+            "training_flops_estimate": first_run.get("training_flops_estimate"),
         }
         for key in ("final_validation_loss", "best_validation_loss", "perplexity", "tokens_per_second", "peak_memory_mib"):
             entry[key] = summarize_values([measures[key] for measures in per_seed]).to_dict()
@@ -74,7 +90,9 @@ def aggregate(
             )
             entry["vs_reference"] = {
                 "seeds": [measures["seed"] for measures in paired],
-                "final_validation_loss": {**difference.to_dict(), "verdict": verdict(difference, "better", "worse")},
+                "final_validation_loss": {**difference.to_dict(), "verdict": verdict(difference, "better", "worse"),
+                                          "signs": sign_text(difference, "better", "worse")},
+                "step_time": step_time_ratio(paired, reference_runs),
                 "steps_to_target": {},
             }
         for unit in ("steps", "seconds"):
@@ -102,7 +120,34 @@ def aggregate(
                         **difference.to_dict(), "verdict": verdict(difference, "faster", "slower")}
         entry["solver_report"] = mean_solver_report([run.get("solver_report") for run in by_seed.values()])
         summary[label] = entry
+    adjust_for_comparisons(summary, reference_label)
     return summary
+
+
+def step_time_ratio(paired: list[dict[str, Any]], reference_runs: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """Mean training-step time over the reference's in the same seed (the seeds' machine load cancels as far as it
+    hits both runs of a seed alike): geometric mean ratio with its 95 % interval and a verdict."""
+    pairs = [(measures["step_seconds"], seed_measures(reference_runs[measures["seed"]], None, 0.0)["step_seconds"])
+             for measures in paired]
+    pairs = [(value, reference) for value, reference in pairs if value and reference]
+    if not pairs:
+        return None
+    ratio = paired_ratio([value for value, _ in pairs], [reference for _, reference in pairs])
+    return {**ratio.to_dict(), "verdict": ratio_verdict(ratio, "faster", "slower")}
+
+
+def adjust_for_comparisons(summary: dict[str, dict[str, Any]], reference_label: str | None) -> None:
+    """Holm's correction of the final-loss verdicts for the number of solvers compared with the reference: every
+    comparison gets its adjusted p-value, the number of comparisons, and the verdict at the adjusted p-value."""
+    compared = [label for label, entry in summary.items()
+                if label != reference_label and entry["vs_reference"] is not None]
+    differences = [summary[label]["vs_reference"]["final_validation_loss"] for label in compared]
+    adjusted = holm_adjust([difference.get("p_value") for difference in differences])
+    tested = sum(p is not None for p in adjusted)
+    for difference, adjusted_p in zip(differences, adjusted):
+        paired = PairedDifference(**{key: difference[key] for key in PairedDifference.__dataclass_fields__})
+        difference.update(holm_p_value=adjusted_p, comparisons=tested,
+                          holm_verdict=adjusted_verdict(paired, adjusted_p, "better", "worse"))
 
 
 def mean_solver_report(reports: list[dict[str, Any] | None]) -> dict[str, list[float | None]] | None:
@@ -132,4 +177,12 @@ def mean_solver_report(reports: list[dict[str, Any] | None]) -> dict[str, list[f
     }
 
 
-__all__ = ["TARGET_FRACTIONS", "aggregate", "mean_solver_report", "seed_measures", "target_label"]
+__all__ = [
+    "TARGET_FRACTIONS",
+    "adjust_for_comparisons",
+    "aggregate",
+    "mean_solver_report",
+    "seed_measures",
+    "step_time_ratio",
+    "target_label",
+]

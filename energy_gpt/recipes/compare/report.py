@@ -36,6 +36,34 @@ def _difference(difference: dict[str, Any], digits: int) -> str:
     return text
 
 
+def _flops(value: float | None) -> str:
+    """1.105e12 -> "1.11 T" (FLOPs in SI prefixes; the header says what is counted)."""
+    if value is None:
+        return "–"
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}"
+    return f"{value:,.0f}"
+
+
+def _p_values(difference: dict[str, Any]) -> str:
+    if difference.get("p_value") is None:
+        return "–"
+    text = f"{difference['p_value']:.3g}"
+    if difference.get("holm_p_value") is not None:
+        text += f" / {difference['holm_p_value']:.3g} (m = {difference['comparisons']})"
+    return text
+
+
+def _ratio(ratio: dict[str, Any] | None) -> str:
+    if not ratio or ratio.get("ratio") is None:
+        return "–"
+    text = f"×{ratio['ratio']:.3f}"
+    if ratio.get("low") is not None:
+        text += f" [{ratio['low']:.3f}, {ratio['high']:.3f}]: {ratio['verdict']}"
+    return text
+
+
 def _reach_cell(steps: dict[str, Any], seconds: dict[str, Any]) -> str:
     if steps["of"] == 0:
         return "n/a"
@@ -56,24 +84,32 @@ def render_table(
     lines += [
         "## Validation loss (mean ± sd over seeds)",
         "",
-        (f"| solver | parameters | seeds | final loss | best loss | final perplexity | Δ final loss vs "
-         f"{reference_name} [95 % CI] | verdict | training tokens/s | peak memory (MiB) |"),
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        (f"| solver | parameters | training FLOPs (estimate) | seeds | final loss | best loss | final perplexity | Δ final loss vs "
+         f"{reference_name} [95 % CI] | per seed | verdict | p raw / Holm | verdict after Holm | step time vs "
+         f"{reference_name} [95 % CI] | training tokens/s | peak memory (MiB) |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---:|---:|---:|",
     ]
     for label, entry in summary.items():
         comparison = entry["vs_reference"]
+        step_time = "–"
         if label == reference_label:
-            difference, verdict_text = "0 (reference)", "reference"
+            difference, signs, verdict_text, p_values, holm_text = "0 (reference)", "–", "reference", "–", "reference"
+            step_time = "1 (reference)"
         elif comparison is None:
-            difference, verdict_text = "n/a", f"no {REFERENCE_SOLVER} run (add it to --solvers or pass --baseline_dir)"
+            difference, signs, p_values, holm_text = "n/a", "–", "–", "–"
+            verdict_text = f"no {REFERENCE_SOLVER} run (add it to --solvers or pass --baseline_dir)"
         else:
-            difference = _difference(comparison["final_validation_loss"], 4)
-            verdict_text = comparison["final_validation_loss"]["verdict"]
+            final = comparison["final_validation_loss"]
+            difference, signs, verdict_text = _difference(final, 4), final.get("signs", "–"), final["verdict"]
+            p_values = _p_values(final)
+            holm_text = final.get("holm_verdict", "–")
+            step_time = _ratio(comparison.get("step_time"))
         lines.append(
-            f"| {label} | {entry['num_parameters']:,} | {len(entry['seeds'])} | "
+            f"| {label} | {entry['num_parameters']:,} | {_flops(entry.get('training_flops_estimate'))} | {len(entry['seeds'])} | "
             f"{_mean_sd(entry['final_validation_loss'], 4)} | {_mean_sd(entry['best_validation_loss'], 4)} | "
-            f"{_mean_sd(entry['perplexity'], 3)} | {difference} | {verdict_text} | "
-            f"{_mean_sd(entry['tokens_per_second'], 0, thousands=True)} | {_mean_sd(entry['peak_memory_mib'], 1)} |"
+            f"{_mean_sd(entry['perplexity'], 3)} | {difference} | {signs} | {verdict_text} | {p_values} | {holm_text} | "
+            f"{step_time} | {_mean_sd(entry['tokens_per_second'], 0, thousands=True)} | "
+            f"{_mean_sd(entry['peak_memory_mib'], 1)} |"
         )
     fractions = [target_label(fraction) for fraction in TARGET_FRACTIONS]
     if reference_label is not None and reference_label in summary:
@@ -132,6 +168,17 @@ def render_table(
          f"comes down to the target (ending within {tolerance:g} nats of it counts as reaching it at that evaluation); "
          "seconds = steps × its mean training-step time. `faster` / `slower`: the 95 % interval of the paired "
          "difference in steps excludes zero."),
+        ("- Per seed: in how many seeds this solver's final loss is above (worse) / below (better) the reference's. "
+         "p raw: two-sided paired t-test of the mean difference; Holm: adjusted for the m solvers compared with "
+         f"{reference_name} (Holm's step-down), and the verdict after Holm claims `better` / `worse` only when the "
+         "adjusted p is below 0.05."),
+        (f"- Step time vs {reference_name}: per seed, this solver's mean training-step time over {reference_name}'s in "
+         "the same seed; the geometric mean of these ratios with its 95 % interval (t-interval of the mean log "
+         "ratio). Runs of a seed run one after the other, so machine load that varies between seeds cancels."),
+        ("- Training FLOPs (estimate): 3 × (2 × the weights of every matrix product + 4 · n_layer · n_ctx · n_embd "
+         "for attention) per training token: GPT-2's backbone, the same for every solver. run.json also keeps the "
+         "count of torch.utils.flop_counter.FlopCounterMode on one training step × steps (`training_flops`), which "
+         "includes a solver's own products but misses PyTorch's fused CPU attention kernel."),
         ("- Tokens/s: input tokens (padding included) divided by the time spent in training steps (forward, "
          "backward, optimizer; evaluation and logging excluded); ± is the spread over seeds, which includes the "
          "machine's load."),
@@ -277,17 +324,17 @@ def header_lines(
         (f"- Machine: {device} on {machine['device']}; {machine['cpu_count']} CPUs ({machine['usable_cpus']} usable), "
          f"{machine['torch_threads']} torch thread(s); Python {machine['python']}, torch {machine['torch']}, "
          f"transformers {machine['transformers']}, energy-gpt {machine.get('energy_gpt', '?')}."),
-        (f"- Wall time: {_duration(timing['wall_seconds'])} in this invocation ({timing['trained']} runs trained, "
-         f"{timing['reused']} reused); the {timing['finished']} finished runs took {_duration(timing['run_seconds'])} "
+        (f"- Wall time: {duration_text(timing['wall_seconds'])} in this invocation ({timing['trained']} runs trained, "
+         f"{timing['reused']} reused); the {timing['finished']} finished runs took {duration_text(timing['run_seconds'])} "
          f"to train and evaluate ({timing['finished']}/{timing['planned']} runs finished)."),
         f"- Command: `{command}`",
     ]
     return lines
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
-__all__ = ["header_lines", "render_csv", "render_plot", "render_table", "write_outputs"]
+__all__ = ["duration_text", "header_lines", "render_csv", "render_plot", "render_table", "write_outputs"]

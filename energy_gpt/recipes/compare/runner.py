@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import torch
 import transformers
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
 from ... import record_solver_statistics, solver_report
@@ -179,6 +180,40 @@ def count_parameters(model: torch.nn.Module) -> int:
 # Training one (solver, seed) run
 
 
+def training_step_flops(model: torch.nn.Module, train_dataset, args: TrainingArguments) -> int:
+    """FLOPs of one training step (forward and backward of one batch), counted by `FlopCounterMode`: matrix products
+    and attention, the solvers' own products included; elementwise work and the optimizer are not counted. The random
+    state is restored and the gradients cleared, so the run itself is unchanged."""
+    batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    batch = default_data_collator([train_dataset[index] for index in range(min(batch_size, len(train_dataset)))])
+    device = next(model.parameters()).device
+    was_training = model.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), FlopCounterMode(
+        display=False
+    ) as counter:
+        model.train()
+        model(**{key: value.to(device) for key, value in batch.items()}).loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def training_flops_estimate(model: torch.nn.Module, tokens: int, sequence_length: int) -> int:
+    """The closed-form estimate of a GPT-2 backbone's training FLOPs: per token, forward 2 FLOPs per weight of every
+    matrix product (every 2-D parameter except the position table, the tied output projection included) plus
+    4 * n_layer * n_ctx * n_embd for the attention scores and the weighted sum over all n_ctx = `sequence_length`
+    positions; training is
+    3 x forward (backward: twice the forward). It equals FlopCounterMode's count for `gd`; other solvers add their own
+    products (Newton's curvature terms, for example), which only the counted figure includes."""
+    config = model.config
+    matrix_weights = sum(
+        {parameter.data_ptr(): parameter.numel() for name, parameter in model.named_parameters()
+         if parameter.dim() == 2 and "wpe" not in name}.values()
+    )
+    attention = 4 * config.n_layer * sequence_length * config.n_embd
+    return 3 * (2 * matrix_weights + attention) * tokens
+
+
 def learned_solver_values(model: torch.nn.Module, task: PreparedTask, args: TrainingArguments) -> dict[str, Any]:
     """`energy_gpt.solver_report(model)` (the learned per-layer solver parameters and Newton's bound-engagement
     fractions), after one validation batch run while the solvers record their statistics."""
@@ -209,6 +244,7 @@ def train_one_run(
         data_collator=default_data_collator,
         callbacks=[recorder],
     )
+    flops_per_step = training_step_flops(trainer.model, task.train_dataset_for(seed), run_args)
     started = time.perf_counter()
     trainer.evaluate()  # step 0: the curves start from the (shared) initial model
     trainer.train()
@@ -236,6 +272,8 @@ def train_one_run(
         "peak_memory_mib": recorder.memory_meter.peak_bytes / 2**20,
         "wall_seconds": wall_seconds,
         "num_parameters": count_parameters(model),
+        "training_flops": flops_per_step * trainer.state.global_step,
+        "training_flops_estimate": training_flops_estimate(model, tokens, task.tokens_per_sequence),
         "solver_report": learned_solver_values(trainer.model, task, run_args),
     }
     return result
