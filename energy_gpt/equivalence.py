@@ -48,7 +48,8 @@ def schedule_rules(config) -> list[Solver]:
 
 def function_preserving_settings(config) -> dict[str, Any]:
     """The field values at which the config's rules compute GPT-2 (e.g. `momentum_beta=0`, `newton_lambda=0`)."""
-    return {solver_field.name: solver_field.gpt2_value for rule in schedule_rules(config) for solver_field in rule.fields
+    return {solver_field.name: solver_field.gpt2_value
+            for rule in schedule_rules(config) for solver_field in rule.fields
             if solver_field.gpt2_value is not NO_PRESERVING_VALUE}
 
 

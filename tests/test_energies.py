@@ -29,7 +29,8 @@ VALID_LINEAR_OPTIONS = [
 
 
 # The energies' declarations (energy name -> `Solver`): the head rules tested here, their fields and parameters.
-ENERGY_RULES = {name: ATTENTION_ENERGIES[name] for name in ("linear", "gated_linear")} | {"huber": LOCAL_ENERGIES["huber"]}
+ENERGY_RULES = {"linear": ATTENTION_ENERGIES["linear"], "gated_linear": ATTENTION_ENERGIES["gated_linear"],
+                "huber": LOCAL_ENERGIES["huber"]}
 
 
 def make_config(**overrides) -> SimpleNamespace:
@@ -394,7 +395,8 @@ def test_config_field_checks_name_the_field(field, bad):
 def test_sum_normalisation_needs_positive_features():
     with pytest.raises(ValueError, match="elu_plus_one"):
         ENERGY_RULES["linear"].check_config(make_config(linear_normalization="sum", linear_feature_map="identity"))
-    ENERGY_RULES["gated_linear"].check_config(make_config(linear_normalization="sum", linear_feature_map="elu_plus_one"))
+    ENERGY_RULES["gated_linear"].check_config(make_config(linear_normalization="sum",
+                                                          linear_feature_map="elu_plus_one"))
 
 
 def test_gates_start_at_retnet_decays_and_respect_loaded_weights():
