@@ -37,7 +37,9 @@ ENERGIES = {
     "softmax": {},
     "linear": {"attention_energy": "linear"},
     "gated_linear": {"attention_energy": "gated_linear"},
-    "huber": {"local_energy": "huber"},
+    # delta = 8 (default 1): these wide weights put queries and keys 15 to 30 apart, and every attention weight is
+    # scaled by min(1, delta / ||q - k||), so at delta = 1 the attention is too weak for a broken cache to show.
+    "huber": {"local_energy": "huber", "huber_delta": 8.0},
 }
 NEWTON_SOLVERS = ("newton", "newton_light", "nag+newton_light")
 LINEAR_ENERGIES = ("linear", "gated_linear")
@@ -172,7 +174,7 @@ def reorder_first_loop_only(cache: Cache, beam_idx: torch.LongTensor) -> None:
         layer.reorder_cache(beam_idx)
 
 
-@pytest.mark.parametrize("variant", ["momentum-softmax-loops2", "gd-linear-loops2"])
+@pytest.mark.parametrize("variant", ["momentum-softmax-loops2", "nag-huber-loops2", "gd-linear-loops2"])
 def test_beam_search_comparison_has_teeth(variant, monkeypatch):
     """Beam search with loops generates other sequences when the later loops' states miss `reorder_cache`."""
     expected = reference(variant, "beam")
