@@ -64,7 +64,7 @@ SUBSET = [
     "momentum-huber-loops2",
     "nag-linear-loops2",
     "momentum-gated_linear-loops1",
-    "dense-softmax-loops1",
+    "dense-huber-loops1",
     "newton-softmax-loops2",
     "nag+newton_light-softmax-loops1",
 ]
