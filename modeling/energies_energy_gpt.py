@@ -362,7 +362,8 @@ def cache_layer(cache: Any, index: int) -> Any:
 
     `generate` builds `DynamicCache(config=...)`, which creates `n_layer` layers up front and does not grow in `update`
     (only a cache built without a config does), so the slots of later loops are appended here as `DynamicLayer`s.
-    Fixed-size caches (static, quantized) cannot take more layers than they were built with: a clear error.
+    Other caches cannot take more layers than they were built with (a static cache is sized for `n_layer` layers, a
+    quantized one builds its layers with its own settings): a clear error.
     """
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, list):
@@ -379,9 +380,10 @@ def cache_layer(cache: Any, index: int) -> Any:
         if layer_class is None:
             raise ValueError(
                 f"The cache has no slot {index}: with `num_loops` > 1 every loop keeps its own cache layers (slot "
-                f"`loop * n_layer + layer`), more than the {len(layers)} layers this {type(cache).__name__} of "
-                f"{type(layers[-1]).__name__}s was built with, and a fixed-size cache cannot grow. Use a dynamic "
-                "cache with `num_loops` > 1: `cache_implementation='dynamic'` (the default) or a `DynamicCache`."
+                f"`loop * n_layer + layer`), more than the {len(layers)} layers this {type(cache).__name__} (of "
+                f"{type(layers[-1]).__name__}s) was built with, and only a dynamic cache of `DynamicLayer`s grows to "
+                "hold them. With `num_loops` > 1, use `cache_implementation='dynamic'` (the default) or a "
+                "`DynamicCache`."
             )
         while len(layers) <= index:
             layers.append(layer_class())
@@ -440,7 +442,8 @@ class LinearHeads(nn.Module):
     `identity` + `none` gives the energy exactly.
     Padding (`key_padding_mask`, False = pad) contributes nothing: padded keys are zeroed and not counted (and padded
     positions do not decay the gated state). The 4D `attention_mask` is not read: causality is built in. There are no
-    attention probabilities, so the attention-dropout `dropout` kwarg does not apply, and the weights returned are None.
+    attention probabilities, so the attention-dropout `dropout` kwarg does not apply, and the weights returned are None;
+    `attention_weights` forms the equivalent (B, H, T, T) matrix explicitly for `output_attentions=True`.
 
     Training / prefill: chunked parallel form (`chunked_linear_attention`, or flash-linear-attention on CUDA), memory
     linear in T. Generation: the recurrent state `S` (B, H, D, D) per layer in the cache (`EnergyStateLayer`), O(1)
@@ -464,6 +467,60 @@ class LinearHeads(nn.Module):
             return nn.functional.elu(states) + 1.0
         return states
 
+    def _features_and_gates(self, query, key, key_padding_mask, scaling: float):
+        """fp32 `phi(q * scaling)`, `phi(k)` with padded keys zeroed, the log gates (1 on padding: a padded position
+        neither adds nor decays) and the (B, 1, Tq) real-token mask (None without padding)."""
+        q = self._features(query.float() * scaling)
+        k = self._features(key.float())
+        log_gate = self.log_gates(key)
+        real = _real_tokens(key_padding_mask, query.shape[2])
+        if real is not None:
+            k = k * real[..., None]
+            if log_gate is not None:
+                log_gate = log_gate * real
+        return q, k, log_gate, real
+
+    def attention_weights(
+        self,
+        attention: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        cache: Any = None,
+        cache_index: int | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        scaling: float | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """The (B, H, Tq, Tq) matrix W the head applied in its last call (`output_attentions=True`): the output is
+        `W @ v`, with `W_ti = decay_ti phi(q_t).phi(k_i) / normaliser_t` for i <= t (0 after t and at padded keys),
+        decays and normalisation as in `forward`. Formed explicitly (T x T memory). The recurrent state keeps no keys,
+        so a call that continued cached tokens has no such matrix over them: that raises."""
+        num_new = query.shape[2]
+        if cache is not None and energy_state_layer(cache, cache_index).get_seq_length() > num_new:
+            raise ValueError(
+                "`output_attentions=True` cannot give the weights of the linear energies (`attention_energy` linear / "
+                "gated_linear) over cached tokens: their cache is a recurrent state, not the past keys. Run the whole "
+                "sequence in one forward (e.g. `use_cache=False`) to get them."
+            )
+        scaling = attention.scaling if scaling is None else scaling
+        q, k, log_gate, real = self._features_and_gates(query, key, key_padding_mask, scaling)
+        hidden = _strictly_upper(num_new, query.device)  # keys after the query
+        if log_gate is None:
+            decay = torch.ones(num_new, num_new, device=query.device).masked_fill(hidden, 0.0)
+        else:  # prod_{j=i+1..t} g_j = exp(b_t - b_i), b the cumulative log gate (masked before the exp: no overflow)
+            cumulative = log_gate.cumsum(-1)
+            decay = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(hidden, -math.inf).exp()
+        weights = torch.matmul(q, k.transpose(-1, -2)) * decay
+        if self.normalization == "sum":
+            weights = weights / (weights.sum(-1, keepdim=True) + LINEAR_NORMALIZATION_EPS)
+        elif self.normalization == "length":
+            counts = decay if real is None else decay * real[..., None, :]
+            weights = weights / counts.sum(-1, keepdim=True).clamp(min=1.0)
+        return weights.to(query.dtype)
+
     def forward(
         self,
         attention: nn.Module,
@@ -479,15 +536,8 @@ class LinearHeads(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         batch, heads, num_new, _ = query.shape
         scaling = kwargs.get("scaling", attention.scaling)
-        q = self._features(query.float() * scaling)
-        k = self._features(key.float())
+        q, k, log_gate, real = self._features_and_gates(query, key, key_padding_mask, scaling)
         v = value.float()
-        log_gate = self.log_gates(key)
-        real = _real_tokens(key_padding_mask, num_new)
-        if real is not None:
-            k = k * real[..., None]
-            if log_gate is not None:
-                log_gate = log_gate * real  # g = 1 on padding: a padded position neither adds nor decays
         if self.normalization == "sum":
             v = torch.cat([v, v.new_ones(batch, heads, num_new, 1)], dim=-1)  # last column: sum_i w_ti q.k_i
 

@@ -102,6 +102,7 @@ class EnergyGPTAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache_index: int | None = None,
         cache_position: torch.Tensor | None = None,
+        output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`hidden_states` gives the queries; `context_states` (default: the same) gives the keys and values.
@@ -139,9 +140,23 @@ class EnergyGPTAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
+        if output_attentions and attn_weights is None:  # backends that return no weights (sdpa, flash, ...)
+            attn_weights = self._attention_weights(query, key, value, attention_mask, cache, cache_index, **kwargs)
         attn_output = attn_output.reshape(*attn_output.shape[:-2], -1).contiguous()
         attn_output = self.resid_dropout(self.c_proj(attn_output))
         return attn_output, attn_weights
+
+    def _attention_weights(self, query, key, value, attention_mask, cache, cache_index, **kwargs) -> torch.Tensor:
+        """The weights of the call just made, from the head rule's `attention_weights`."""
+        attention_weights = getattr(self.head_rule, "attention_weights", None)
+        if attention_weights is None:
+            raise ValueError(
+                f"`output_attentions=True`: the head rule {type(self.head_rule).__name__} returned no attention weights "
+                "and defines no `attention_weights` method to compute them."
+            )
+        return attention_weights(
+            self, query, key, value, attention_mask, cache=cache, cache_index=cache_index, scaling=self.scaling, **kwargs
+        )
 
 
 class EnergyGPTMLP(nn.Module):
@@ -424,6 +439,7 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
                     mask,
                     cache_index=loop * config.n_layer + block.attn.layer_idx,
                     cache_position=cache_position,
+                    output_attentions=output_attentions,
                     key_padding_mask=key_padding_mask,
                     position_ids=position_ids,
                     **kwargs,

@@ -543,6 +543,13 @@ def attention_probabilities(query, key, attention_mask, scaling: float) -> torch
     return torch.softmax(scores, dim=-1)
 
 
+def softmax_attention_weights(attention, query, key, value, attention_mask, *, scaling: float, **kwargs) -> torch.Tensor:
+    """The softmax attention weights (B, H, Tq, S) of one call, before attention dropout, for `output_attentions=True`
+    on backends that do not return them (sdpa, flash, custom kernels): the same probabilities eager returns."""
+    key, _ = keys_visible_without_mask(key, value, attention_mask, query.shape[2])
+    return attention_probabilities(query, key, attention_mask, scaling).to(query.dtype)
+
+
 class _ChunkSecondMoments(torch.autograd.Function):
     """For one chunk of queries: `(sum_i p_ti (v_i . mu_t) v_i,  sum_i p_ti ||v_i||^2)`, the two attention-shaped
     products behind `Sigma_t mu_t` and `trace(Sigma_t)`, with `p` recomputed from q and k.
@@ -622,6 +629,10 @@ class NewtonHeads(nn.Module):
     the same function from the same random state.
     """
 
+    # `output_attentions=True`: the softmax probabilities p the step is taken under (what eager returns). The output
+    # is no single weighting of the values per head (`newton_light` rescales each channel), so p is what is defined.
+    attention_weights = staticmethod(softmax_attention_weights)
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         add_solver_parameters(self, config, layer_idx)
@@ -695,7 +706,7 @@ class NewtonHeads(nn.Module):
         return sigma_mean, _relative_size(sigma_mean, mean), second_moment - centring
 
     def _bounded(self, step: torch.Tensor, step_size: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
-        """lambda_eff * step, lambda soft-bounded by the step's relative size."""
+        """lambda_eff * step, lambda soft-bounded by the step's relative size (`spread` serves `step_sizes` only)."""
         return bounded_lambda(self.newton_lambda, step_size, self.step_bound) * step
 
 
@@ -796,6 +807,8 @@ class TwicingHeads(nn.Module):
 class SoftmaxHeads(nn.Module):
     """The softmax energy's gradient step: standard attention through the configured attention interface (eager,
     sdpa, flash, flex or a registered custom function), exactly as GPT-2 calls it."""
+
+    attention_weights = staticmethod(softmax_attention_weights)  # `output_attentions=True` on sdpa / flash
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -950,5 +963,6 @@ __all__ = [
     "parse_solver",
     "register_solver",
     "registered_rules",
+    "softmax_attention_weights",
     "solver_config_fields",
 ]

@@ -720,3 +720,86 @@ def test_save_pretrained_writes_auto_map_and_model_files(cls, tmp_path):
         EnergyGPTModel: AutoModel,
     }[cls]
     assert type(auto_class.from_pretrained(tmp_path)) is cls
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# output_attentions: the weights of every rule on every backend.
+# ---------------------------------------------------------------------------------------------------------------------
+
+ATTENTION_WEIGHT_FAMILIES = {
+    "gd": {},
+    "nag": {"attention_solver": "nag", "momentum_beta": 0.5},
+    "newton": {"attention_solver": "newton", "newton_lambda": 0.3},
+    "newton_light": {"attention_solver": "newton_light", "newton_lambda": 0.3},
+    "linear": {"attention_energy": "linear"},
+    "gated_linear": {"attention_energy": "gated_linear"},
+    "huber": {"local_energy": "huber"},
+}
+
+
+@pytest.mark.parametrize("family", sorted(ATTENTION_WEIGHT_FAMILIES))
+def test_output_attentions_gives_the_same_weights_on_eager_and_sdpa(family):
+    torch.manual_seed(0)
+    model = EnergyGPTForCausalLM(tiny_config(**ATTENTION_WEIGHT_FAMILIES[family])).eval()
+    input_ids, attention_mask = left_pad([torch.tensor([5, 17, 42, 9, 3, 60, 8]), torch.tensor([8, 1, 77, 23])], PAD)
+    weights = {}
+    for implementation in ATTENTION_IMPLEMENTATIONS:
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            attentions = model(input_ids, attention_mask=attention_mask, output_attentions=True).attentions
+        assert len(attentions) == model.config.n_layer
+        weights[implementation] = torch.stack(attentions)  # (layers, batch, heads, T, T)
+    real_queries = attention_mask.bool()[None, :, None, :, None]
+    real_keys = attention_mask.bool()[None, :, None, None, :]
+    future = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    for implementation, stacked in weights.items():
+        assert stacked.shape == (model.config.n_layer, 2, model.config.n_head, 7, 7), implementation
+        at_real = stacked.masked_fill(~real_queries, 0.0)
+        assert torch.all(at_real[..., future] == 0), f"{implementation}: weight on a later key"
+        assert torch.all(at_real.masked_fill(real_keys, 0.0) == 0), f"{implementation}: weight on padding"
+    torch.testing.assert_close(weights["sdpa"].masked_fill(~real_queries, 0.0),
+                               weights["eager"].masked_fill(~real_queries, 0.0), rtol=1e-5, atol=1e-6)
+
+
+class _Attention(torch.nn.Module):
+    scaling = 0.5
+
+
+@pytest.mark.parametrize("energy, overrides", [
+    ("linear", {"linear_feature_map": "elu_plus_one", "linear_normalization": "sum"}),
+    ("linear", {"linear_feature_map": "identity", "linear_normalization": "none"}),
+    ("linear", {"linear_feature_map": "identity", "linear_normalization": "length"}),
+    ("gated_linear", {"gated_linear_gate": "data"}),
+    ("gated_linear", {"gated_linear_gate": "constant", "linear_normalization": "length"}),
+    ("gated_linear", {"linear_feature_map": "identity", "linear_normalization": "none"}),
+])
+def test_linear_energy_weights_times_values_are_the_head_output(energy, overrides):
+    """The explicit matrix W of `output_attentions=True` is what the head applies: W @ v equals its output (causal,
+    decays and normalisation included), with left padding."""
+    from energy_gpt.modeling.solvers_energy_gpt import ATTENTION_ENERGIES
+
+    config = tiny_config(attention_energy=energy, **overrides)
+    torch.manual_seed(0)
+    head = ATTENTION_ENERGIES[energy].rule(config, 0)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.add_(torch.randn_like(parameter))  # data-dependent gates that differ per token
+    batch, heads, length, dim = 2, config.n_head, 9, config.n_embd // config.n_head
+    query, key, value = (torch.randn(batch, heads, length, dim) for _ in range(3))
+    key_padding_mask = torch.ones(batch, length, dtype=torch.bool)
+    key_padding_mask[1, :3] = False
+    attention = _Attention()
+    output, _ = head(attention, query, key, value, None, key_padding_mask=key_padding_mask)
+    weights = head.attention_weights(attention, query, key, value, None, key_padding_mask=key_padding_mask)
+    assert weights.shape == (batch, heads, length, length)
+    torch.testing.assert_close(torch.matmul(weights, value), output.transpose(1, 2), rtol=1e-4, atol=1e-5)
+    assert torch.all(weights[..., torch.ones(length, length, dtype=torch.bool).triu(1)] == 0)
+    assert torch.all(weights[1, :, :, :3] == 0)
+
+
+def test_linear_energy_weights_over_cached_tokens_raise():
+    model = EnergyGPTForCausalLM(tiny_config(attention_energy="linear")).eval()
+    with torch.no_grad():
+        cache = model(torch.tensor([[5, 17, 42]]), use_cache=True, output_attentions=True).past_key_values
+        with pytest.raises(ValueError, match="`output_attentions=True`.*linear energies.*cached tokens"):
+            model(torch.tensor([[9]]), past_key_values=cache, use_cache=True, output_attentions=True)
