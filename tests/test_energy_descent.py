@@ -198,3 +198,23 @@ def test_solver_report_holds_the_check_and_the_learned_decays():
                       {"attention_energy": "softmax_decay"}):
         for gates in solver_report(_model(**overrides))["decay_gate"]:
             assert gates == pytest.approx(gammas, rel=1e-5)
+
+
+def test_compare_reports_the_check_per_layer():
+    """compare's run record holds the check (one validation batch) and its summary keeps one mean per layer, which the
+    'What the solvers learned' table prints."""
+    from types import SimpleNamespace
+
+    from energy_gpt.recipes.compare import mean_solver_report
+    from energy_gpt.recipes.compare.runner import learned_solver_values
+
+    input_ids = torch.tensor([5, 17, 3, 99, 42, 8])
+    task = SimpleNamespace(eval_dataset=[{"input_ids": input_ids, "attention_mask": torch.ones(6, dtype=torch.long),
+                                          "labels": input_ids}] * 2)
+    report = learned_solver_values(_model(), task, SimpleNamespace(per_device_eval_batch_size=2))
+    assert len(report["energy_descent_fraction"]) == 2 and len(report["energy_descent_fraction"][0]) == 2
+    summary = mean_solver_report([report, report])
+    for layer in range(2):
+        assert summary["energy_descent_fraction"][layer] == pytest.approx(
+            sum(report["energy_descent_fraction"][layer]) / 2)
+    assert "decay_gate" not in summary  # no decay in a softmax model: the row is left out

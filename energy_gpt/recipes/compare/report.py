@@ -77,7 +77,7 @@ def _reach_cell(steps: dict[str, Any], seconds: dict[str, Any]) -> str:
 
 def render_table(
     summary: dict[str, dict[str, Any]], header_lines: list[str], reference_label: str | None, memory_description: str,
-    tolerance: float,
+    tolerance: float, metric: str | None = None, chance: float | None = None,
 ) -> str:
     lines = ["# EnergyGPT solver comparison", "", *header_lines, ""]
     reference_name = reference_label or REFERENCE_SOLVER
@@ -111,6 +111,20 @@ def render_table(
             f"{step_time} | {_mean_sd(entry['tokens_per_second'], 0, thousands=True)} | "
             f"{_mean_sd(entry['peak_memory_mib'], 1)} |"
         )
+    if metric is not None:
+        lines += [
+            "",
+            f"## Task metric: {metric} (validation set, end of training; mean ± sd over seeds)",
+            "",
+            "| solver | parameters | training FLOPs (estimate) | seeds | " + metric + " | chance |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {label} | {entry['num_parameters']:,} | {_flops(entry.get('training_flops_estimate'))} | "
+            f"{len(entry['seeds'])} | {_mean_sd(entry.get('final_metric', {}), 4)} | "
+            f"{'–' if chance is None else f'{chance:.4f}'} |"
+            for label, entry in summary.items()
+        ]
     fractions = [target_label(fraction) for fraction in TARGET_FRACTIONS]
     if reference_label is not None and reference_label in summary:
         lines += [
@@ -183,6 +197,10 @@ def render_table(
          "backward, optimizer; evaluation and logging excluded); ± is the spread over seeds, which includes the "
          "machine's load."),
         f"- Peak memory: {memory_description}.",
+        *([("- What the solvers learned, on one validation batch: `energy_descent_fraction` is the fraction of "
+            "token-heads whose attention energy the layer's step lowered, `energy_descent_mean_change` the mean change "
+            "F(after) - F(before) (negative: descent; docs/solvers.md, 'Does a layer descend its energy?'); "
+            "`decay_gate` is the learned per-head decay g_h (gated_linear, softmax_decay).")] if learned else []),
         "",
     ]
     return "\n".join(lines)
@@ -305,8 +323,12 @@ def header_lines(
     overridden = [f"{spec.label}" for spec in specs if spec.overrides]
     precision = ", ".join(flag for flag in ("bf16", "fp16", "tf32") if getattr(training_args, flag, None)) or "fp32"
     device = machine["gpu"] or machine["cpu"]
+    metric_line = []
+    if task.metric is not None:
+        metric_line = [f"- Metric: {task.metric}; chance {task.chance:.4f} ({task.chance_description})."]
     lines = [
         f"- Task: {task.description}.",
+        *metric_line,
         (f"- Tokenizer: {task.tokenizer_description}; model vocabulary {config.vocab_size:,}, bos / eos / pad ids "
          f"{config.bos_token_id} / {config.eos_token_id} / {config.pad_token_id}."),
         (f"- Model: {config.n_layer} layers, n_embd {config.n_embd}, {config.n_head} heads, n_positions "

@@ -214,16 +214,37 @@ def training_flops_estimate(model: torch.nn.Module, tokens: int, sequence_length
     return 3 * (2 * matrix_weights + attention) * tokens
 
 
+def labelled_accuracy(model: torch.nn.Module, dataset, args: TrainingArguments) -> float:
+    """The fraction of labelled positions (labels != -100) whose most likely next token is the label (the model
+    predicts labels[i] from the tokens before i): the synthetic tasks' metric on the validation set."""
+    device = next(model.parameters()).device
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), args.per_device_eval_batch_size):
+            rows = [dataset[index] for index in range(start, min(start + args.per_device_eval_batch_size, len(dataset)))]
+            batch = {key: value.to(device) for key, value in default_data_collator(rows).items()}
+            labels = batch.pop("labels")[:, 1:]
+            predictions = model(**batch).logits[:, :-1].argmax(dim=-1)
+            scored = labels != -100
+            correct += int((predictions[scored] == labels[scored]).sum())
+            total += int(scored.sum())
+    return correct / total if total else float("nan")
+
+
 def learned_solver_values(model: torch.nn.Module, task: PreparedTask, args: TrainingArguments) -> dict[str, Any]:
-    """`energy_gpt.solver_report(model)` (the learned per-layer solver parameters and Newton's bound-engagement
-    fractions), after one validation batch run while the solvers record their statistics."""
+    """`energy_gpt.solver_report(model, input_ids)` (the learned per-layer solver parameters and decay gates, Newton's
+    bound-engagement fractions, and the energy-descent check per layer and head), on one validation batch run while the
+    solvers record their statistics."""
     count = min(len(task.eval_dataset), args.per_device_eval_batch_size)
     batch = default_data_collator([task.eval_dataset[index] for index in range(count)])
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad(), record_solver_statistics(model):
         model(**{key: value.to(device) for key, value in batch.items()})
-    return solver_report(model)
+    attention_mask = batch.get("attention_mask")
+    return solver_report(model, batch["input_ids"].to(device),
+                         None if attention_mask is None else attention_mask.to(device))
 
 
 def train_one_run(
@@ -274,6 +295,7 @@ def train_one_run(
         "num_parameters": count_parameters(model),
         "training_flops": flops_per_step * trainer.state.global_step,
         "training_flops_estimate": training_flops_estimate(model, tokens, task.tokens_per_sequence),
+        "final_metric": labelled_accuracy(trainer.model, task.eval_dataset, run_args) if task.metric else None,
         "solver_report": learned_solver_values(trainer.model, task, run_args),
     }
     return result
