@@ -53,6 +53,7 @@ def test_bad_arguments_stop_with_one_line_and_status_2(tmp_path):
         ([*compare, "--max_steps", "abc"], ["--max_steps", "invalid int value: 'abc'"]),
         ([*compare, "--lr_scheduler_type", "bogus"], ["--lr_scheduler_type", "invalid choice: 'bogus'", "'cosine'"]),
         ([*compare, "--num_seeds", "0"], ["--num_seeds", "positive integer"]),
+        ([*compare, "--task", "sudoku"], ["--task", "'sudoku'", "'lis'", "'mqar'", "'induction'"]),
         ([*pretrain, "--train_file", str(tmp_path / "missing.txt")], ["--train_file", "no such file", ".txt"]),
         ([*pretrain, "--train_file", str(text_file), "--max_steps", "-5"],
          ["--max_steps", "positive integer, or -1"]),

@@ -37,6 +37,7 @@ def seed_measures(run: dict[str, Any], reference: dict[str, Any] | None, toleran
         "perplexity": _perplexity(run["final_validation_loss"]),
         "tokens_per_second": run["tokens_per_second"],
         "step_seconds": run["train_step_seconds"] / run["steps"] if run["steps"] else None,
+        "final_metric": run.get("final_metric"),
         "peak_memory_mib": run["peak_memory_mib"],
         "steps_to_target": {},
         "seconds_to_target": {},
@@ -81,6 +82,8 @@ def aggregate(
         }
         for key in ("final_validation_loss", "best_validation_loss", "perplexity", "tokens_per_second", "peak_memory_mib"):
             entry[key] = summarize_values([measures[key] for measures in per_seed]).to_dict()
+        metrics = [measures["final_metric"] for measures in per_seed if measures["final_metric"] is not None]
+        entry["final_metric"] = summarize_values(metrics).to_dict()
         paired = [measures for measures in per_seed if measures["seed"] in reference_runs]
         entry["vs_reference"] = None
         if reference_label is not None and paired:

@@ -10,6 +10,7 @@ from typing import Any
 
 from ...modeling import ATTENTION_SOLVERS, EnergyGPTConfig
 from ..pretrain import DataTrainingArguments
+from ..recall import InductionTask, MQARTask
 from ..synthetic import LISTask
 
 logger = logging.getLogger(__name__)
@@ -195,6 +196,24 @@ class CompareArguments:
                           "on a busy machine spinning OpenMP threads made each step ~10x slower in our measurements, "
                           "and a fixed count keeps the losses reproducible."},
     )
+    task: str | None = field(
+        default=None,
+        metadata={"help": "What every run trains on: 'lis' (longest increasing subsequence, the default), 'mqar' "
+                          "(multi-query associative recall), 'induction' (copy a repeated segment), or 'text' (chosen "
+                          "by --train_file / --validation_file / --dataset_name). docs/compare.md describes each task, "
+                          "its metric and its chance level."},
+    )
+    mqar_vocab_size: int = field(default=256, metadata={"help": "mqar: vocabulary (keys: first half, values: second)."})
+    mqar_sequence_length: int = field(default=64, metadata={"help": "mqar: tokens per sequence."})
+    mqar_num_kv_pairs: int = field(default=8, metadata={"help": "mqar: key-value pairs (and queries) per sequence."})
+    mqar_power_a: float = field(
+        default=0.01,
+        metadata={"help": "mqar: query positions are drawn with probability ∝ a·x^(a-1) (Zoology's power_a)."},
+    )
+    induction_vocab_size: int = field(default=64, metadata={"help": "induction: vocabulary of the random segment."})
+    induction_segment_length: int = field(
+        default=16, metadata={"help": "induction: length of the segment, shown twice."}
+    )
     lis_min_length: int = field(default=4, metadata={"help": "Synthetic task: shortest number sequence."})
     lis_max_length: int = field(default=10, metadata={"help": "Synthetic task: longest number sequence."})
     lis_max_value: int = field(default=16, metadata={"help": "Synthetic task: numbers are drawn from [0, max_value)."})
@@ -230,6 +249,12 @@ class CompareArguments:
         if self.num_validation_examples <= 0:
             raise ValueError(f"--num_validation_examples must be a positive integer, got {self.num_validation_examples}.")
         self.lis_task()  # validates the --lis_* values early
+        from .tasks import TASKS  # the registry imports these arguments
+
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"--task {self.task!r} is not a task; choose one of {list(TASKS)}.")
+        self.mqar_task()
+        self.induction_task()
 
     def solver_entries(self) -> str:
         return ",".join(ATTENTION_SOLVERS) if self.solvers is None else self.solvers
@@ -261,6 +286,13 @@ class CompareArguments:
         if not seeds or len(set(seeds)) != len(seeds):
             raise ValueError(f"--seeds {self.seeds!r} must name at least one seed, each once.")
         return seeds
+
+    def mqar_task(self) -> MQARTask:
+        return MQARTask(vocab_size=self.mqar_vocab_size, sequence_length=self.mqar_sequence_length,
+                        num_kv_pairs=self.mqar_num_kv_pairs, power_a=self.mqar_power_a)
+
+    def induction_task(self) -> InductionTask:
+        return InductionTask(vocab_size=self.induction_vocab_size, segment_length=self.induction_segment_length)
 
     def lis_task(self) -> LISTask:
         return LISTask(min_length=self.lis_min_length, max_length=self.lis_max_length, max_value=self.lis_max_value)

@@ -42,7 +42,7 @@ from .store import (
     tokenizer_sha256,
     training_settings,
 )
-from .tasks import TOKENIZER_DIRNAME, PreparedTask, prepare_synthetic_task, prepare_text_task
+from .tasks import TOKENIZER_DIRNAME, PreparedTask, TaskInputs, prepare_task
 
 logger = logging.getLogger(__name__)
 
@@ -197,12 +197,9 @@ def prepare(argv: list[str], started: float) -> Comparison:
                          f"trains its own {REFERENCE_SOLVER!r} runs.")
 
     saved_tokenizer = output_dir / TOKENIZER_DIRNAME
-    if data_args.use_synthetic_task:
-        task = prepare_synthetic_task(compare_args, training_args)
-    else:
-        use_saved = compare_args.resume and model_args.tokenizer_name is None and saved_tokenizer.is_dir()
-        task = prepare_text_task(compare_args, data_args, model_args, training_args,
-                                 saved_tokenizer if use_saved else None)
+    use_saved = compare_args.resume and model_args.tokenizer_name is None and saved_tokenizer.is_dir()
+    task = prepare_task(TaskInputs(compare_args, data_args, model_args, training_args,
+                                   saved_tokenizer if use_saved else None))
     base_config = runner.build_base_config(model_args, task)
     shared = as_json({
         "task": task.description,
@@ -268,11 +265,13 @@ def rebuild_outputs(comparison: Comparison, draw_plot: bool) -> str:
     memory_description = runner.PeakMemoryMeter.describe(training_args.device)
     lines = header_lines(task, comparison.base_config, comparison.specs, seeds, training_args, machine, timing,
                          command, comparison.reference)
-    table = render_table(summary, lines, reference_label, memory_description, comparison.compare_args.reach_tolerance)
+    table = render_table(summary, lines, reference_label, memory_description, comparison.compare_args.reach_tolerance,
+                         task.metric, task.chance)
     report = {
         "command": command, "seeds": seeds, "solvers": [spec.label for spec in comparison.specs],
         "reference": comparison.reference,
-        "settings": {**comparison.shared, "task_name": task.name, "blind_guess_loss": task.blind_guess_loss},
+        "settings": {**comparison.shared, "task_name": task.name, "blind_guess_loss": task.blind_guess_loss,
+                     "metric": task.metric, "chance": task.chance, "chance_description": task.chance_description},
         "machine": machine, "timing": timing, "memory_measure": memory_description,
         "summary": summary, "runs": runs,
     }

@@ -13,7 +13,22 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, TrainingArgumen
 from ..arguments import ModelArguments
 from ..common import build_tokenizer, limit_samples
 from ..pretrain import DataTrainingArguments, build_lm_datasets, load_raw_datasets
-from ..synthetic import VALIDATION_SEED, blind_guess_loss, build_lis_dataset, build_lis_tokenizer
+from ..recall import (
+    generate_induction,
+    generate_mqar,
+    majority_accuracy,
+    numbered_tokenizer,
+    token_dataset,
+)
+from ..synthetic import (
+    BLIND_GUESS_EXAMPLES,
+    BLIND_GUESS_SEED,
+    VALIDATION_SEED,
+    blind_guess_loss,
+    build_lis_dataset,
+    build_lis_tokenizer,
+    generate_lis_examples,
+)
 from .arguments import CompareArguments, CompareDataArguments
 
 logger = logging.getLogger(__name__)
@@ -35,6 +50,9 @@ class PreparedTask:
     tokens_per_sequence: int
     blind_guess_loss: float | None = None  # loss of a model that ignores the input (synthetic task only)
     trained_tokenizer: bool = False  # a BPE trained here, to be saved with the results
+    metric: str | None = None  # what `final_metric` measures (accuracy on the scored positions); None: loss only
+    chance: float | None = None  # the metric of a model that does not read the input
+    chance_description: str | None = None  # how `chance` is reached, for the table header
 
 
 def special_token_fields(tokenizer) -> dict[str, Any]:
@@ -51,13 +69,7 @@ def prepare_synthetic_task(compare_args: CompareArguments, training_args: Traini
     """The LIS task: its tokenizer, one training set per seed, the (shared) validation set, and the config fields."""
     task = compare_args.lis_task()
     tokenizer = build_lis_tokenizer(task)
-    num_train_examples = compare_args.num_train_examples
-    if num_train_examples is None:
-        total_batch = (
-            training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-            * training_args.world_size
-        )
-        num_train_examples = training_args.max_steps * total_batch if training_args.max_steps > 0 else 20_000
+    num_train_examples = default_num_train_examples(compare_args, training_args)
     # The validation set has a seed of its own (a string: no integer training seed can produce the same sequences),
     # so every seed and every solver is measured on the same examples.
     eval_dataset = build_lis_dataset(task, tokenizer, compare_args.num_validation_examples, seed=VALIDATION_SEED)
@@ -75,10 +87,12 @@ def prepare_synthetic_task(compare_args: CompareArguments, training_args: Traini
         f"in [0, {task.max_value}), {task.block_length} tokens each; loss on the answer token only (guessing the answer "
         f"from its distribution alone, without reading the numbers, scores {blind_loss:.3f})"
     )
+    answers = [example["lis_length"] for example in generate_lis_examples(task, BLIND_GUESS_EXAMPLES, BLIND_GUESS_SEED)]
     return PreparedTask(
         tokenizer, eval_dataset, train_dataset_for, {**special_token_fields(tokenizer), "n_positions": task.block_length},
         "longest increasing subsequence", description, f"word-level, built in code ({len(tokenizer)} tokens)",
-        task.block_length, blind_loss,
+        task.block_length, blind_loss, metric="accuracy of the answer token", chance=majority_accuracy(answers),
+        chance_description="always answering the most frequent length",
     )
 
 
@@ -192,8 +206,120 @@ def prepare_text_task(
     )
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Recall tasks and the registry
+
+
+def default_num_train_examples(compare_args: CompareArguments, training_args: TrainingArguments) -> int:
+    """--num_train_examples, else one fresh example per sequence the training reads."""
+    if compare_args.num_train_examples is not None:
+        return compare_args.num_train_examples
+    total_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                   * training_args.world_size)
+    return training_args.max_steps * total_batch
+
+
+def prepare_generated_task(
+    name: str, generate: Callable, shape: Any, vocab_size: int, sequence_length: int, metric: str,
+    chance: float, chance_description: str, description: str, inputs: "TaskInputs",
+) -> PreparedTask:
+    """A task of generated token sequences: one training set per seed, the validation set from a seed of its own."""
+    tokenizer = numbered_tokenizer(vocab_size, sequence_length)
+    num_train = default_num_train_examples(inputs.compare_args, inputs.training_args)
+    num_validation = inputs.compare_args.num_validation_examples
+    eval_dataset = token_dataset(*generate(shape, num_validation, f"{name}-validation"))
+    train_datasets: dict[int, Any] = {}
+
+    def train_dataset_for(seed: int):
+        if seed not in train_datasets:
+            train_datasets[seed] = token_dataset(*generate(shape, num_train, seed))
+        return train_datasets[seed]
+
+    return PreparedTask(
+        tokenizer, eval_dataset, train_dataset_for, {**special_token_fields(tokenizer), "n_positions": sequence_length},
+        name, f"{description}; {num_train} training sequences per seed / {num_validation} validation sequences of "
+              f"{sequence_length} tokens", f"word-level, built in code ({len(tokenizer)} tokens)", sequence_length,
+        metric=metric, chance=chance, chance_description=chance_description,
+    )
+
+
+@dataclass(frozen=True)
+class TaskInputs:
+    """Everything a task may need to prepare itself."""
+
+    compare_args: CompareArguments
+    data_args: CompareDataArguments
+    model_args: ModelArguments
+    training_args: TrainingArguments
+    saved_tokenizer_dir: Path | None
+
+
+def prepare_mqar(inputs: TaskInputs) -> PreparedTask:
+    shape = inputs.compare_args.mqar_task()
+    return prepare_generated_task(
+        "mqar", generate_mqar, shape, shape.vocab_size, shape.sequence_length,
+        "accuracy on the queried values", shape.chance_accuracy,
+        f"guessing a value token without reading (1/{shape.vocab_size // 2}); picking one of the sequence's own "
+        f"{shape.num_kv_pairs} values scores {shape.context_guess_accuracy:.3f}",
+        f"multi-query associative recall (Zoology's MQAR): vocabulary {shape.vocab_size}, {shape.num_kv_pairs} "
+        f"key-value pairs, power_a {shape.power_a:g}; loss and accuracy on the queried values only", inputs,
+    )
+
+
+def prepare_induction(inputs: TaskInputs) -> PreparedTask:
+    shape = inputs.compare_args.induction_task()
+    return prepare_generated_task(
+        "induction", generate_induction, shape, shape.vocab_size, shape.sequence_length,
+        "accuracy on the copied tokens", shape.chance_accuracy, f"guessing a token (1/{shape.vocab_size})",
+        f"induction: a random segment of {shape.segment_length} tokens from {shape.vocab_size}, then the segment "
+        "again; loss and accuracy on the repeat's tokens after its first", inputs,
+    )
+
+
+@dataclass(frozen=True)
+class TaskDefinition:
+    """A task `--task` can name: how to prepare it, and one line for the documentation."""
+
+    name: str
+    summary: str
+    prepare: Callable[[TaskInputs], PreparedTask]
+
+
+TASKS: dict[str, TaskDefinition] = {}
+
+
+def register_task(definition: TaskDefinition) -> None:
+    TASKS[definition.name] = definition
+
+
+register_task(TaskDefinition(
+    "lis", "longest increasing subsequence (embedded default); accuracy of the answer token",
+    lambda inputs: prepare_synthetic_task(inputs.compare_args, inputs.training_args)))
+register_task(TaskDefinition("mqar", "multi-query associative recall; accuracy on the queried values", prepare_mqar))
+register_task(TaskDefinition("induction", "copy a repeated segment; accuracy on the copied tokens", prepare_induction))
+register_task(TaskDefinition(
+    "text", "causal-LM text (--train_file / --dataset_name); loss and perplexity",
+    lambda inputs: prepare_text_task(inputs.compare_args, inputs.data_args, inputs.model_args, inputs.training_args,
+                                     inputs.saved_tokenizer_dir)))
+
+
+def prepare_task(inputs: TaskInputs) -> PreparedTask:
+    """The task `--task` names; without it, text when text data is given, else the embedded LIS task."""
+    uses_text = not inputs.data_args.use_synthetic_task
+    name = inputs.compare_args.task or ("text" if uses_text else "lis")
+    if uses_text != (name == "text"):
+        raise ValueError(f"--task {name}: --train_file / --validation_file / --dataset_name go with --task text only "
+                         f"(tasks: {list(TASKS)}).")
+    return TASKS[name].prepare(inputs)
+
+
 __all__ = [
+    "TASKS",
     "TOKENIZER_DIRNAME",
+    "TaskDefinition",
+    "TaskInputs",
+    "prepare_task",
+    "register_task",
     "PreparedTask",
     "load_named_tokenizer",
     "prepare_synthetic_task",
