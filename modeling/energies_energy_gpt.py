@@ -249,12 +249,13 @@ def linear_attention(
     log_gate: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
     chunk_size: int = LINEAR_CHUNK_SIZE,
+    path: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch: one new token -> recurrent step; otherwise the chunked form (flash-linear-attention on CUDA when
-    installed, PyTorch otherwise)."""
+    """Dispatch: one new token -> recurrent step; otherwise the chunked form (with `path="fla"`, flash-linear-attention
+    where `use_fla` allows it; PyTorch otherwise)."""
     if query.shape[2] == 1:
         return recurrent_linear_attention(query, key, value, log_gate, initial_state)
-    if use_fla(query):
+    if path == "fla" and use_fla(query):
         return fla_linear_attention(query, key, value, log_gate, initial_state)
     return chunked_linear_attention(query, key, value, log_gate, initial_state, chunk_size)
 
@@ -457,6 +458,7 @@ class LinearHeads(nn.Module):
         self.feature_map = config.linear_feature_map
         self.normalization = config.linear_normalization
         self.chunk_size = LINEAR_CHUNK_SIZE
+        self.path = config.linear_attention_path  # opt-in flash-linear-attention: see the field
 
     def log_gates(self, key: torch.Tensor) -> torch.Tensor | None:
         """(B, H, T) log g_t <= 0 for the new tokens, or None (no decay)."""
@@ -480,20 +482,8 @@ class LinearHeads(nn.Module):
                 log_gate = log_gate * real
         return q, k, log_gate, real
 
-    def attention_weights(
-        self,
-        attention: nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        *,
-        cache: Any = None,
-        cache_index: int | None = None,
-        key_padding_mask: torch.Tensor | None = None,
-        scaling: float | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
+    def attention_weights(self, attention, query, key, value, attention_mask, *, cache=None, cache_index=None,
+                          key_padding_mask=None, scaling: float | None = None, **kwargs) -> torch.Tensor:
         """The (B, H, Tq, Tq) matrix W the head applied in its last call (`output_attentions=True`): the output is
         `W @ v`, with `W_ti = decay_ti phi(q_t).phi(k_i) / normaliser_t` for i <= t (0 after t and at padded keys),
         decays and normalisation as in `forward`. Formed explicitly (T x T memory). The recurrent state keeps no keys,
@@ -543,7 +533,7 @@ class LinearHeads(nn.Module):
 
         layer = energy_state_layer(cache, cache_index) if cache is not None else None
         past = layer.states if layer is not None else {}
-        output, state = linear_attention(q, k, v, log_gate, past.get("state"), self.chunk_size)
+        output, state = linear_attention(q, k, v, log_gate, past.get("state"), self.chunk_size, self.path)
         new_states = {"state": state}
         if self.normalization == "sum":
             output = output[..., :-1] / (output[..., -1:] + LINEAR_NORMALIZATION_EPS)
@@ -552,7 +542,7 @@ class LinearHeads(nn.Module):
             ones = q.new_ones(batch, heads, num_new, 1)
             counts = ones if real is None else real[..., None].expand(batch, heads, num_new, 1)
             total, new_states["total_weight"] = linear_attention(
-                ones, counts, ones, log_gate, past.get("total_weight"), self.chunk_size
+                ones, counts, ones, log_gate, past.get("total_weight"), self.chunk_size, self.path
             )
             output = output / total.clamp(min=1.0)  # >= 1 at every real token; padded rows (0 tokens) give 0
         if layer is not None:
@@ -793,7 +783,16 @@ def _retnet_gate_logit(config, layer_idx: int, shape: tuple[int, ...]) -> torch.
     return torch.logit(retnet_decays(shape[0]))
 
 
-_LINEAR_FIELDS = (LINEAR_FEATURE_MAP, LINEAR_NORMALIZATION)
+LINEAR_ATTENTION_PATHS = ("torch", "fla")
+LINEAR_ATTENTION_PATH = SolverField(
+    name="linear_attention_path",
+    default="torch",
+    check=check_choice("linear_attention_path", LINEAR_ATTENTION_PATHS),
+    doc="How the linear energies' chunked form runs: `torch` (default) or `fla`, flash-linear-attention's Triton "
+        "kernels where they can run (CUDA with `fla` installed; the PyTorch path elsewhere). The fla path has not yet "
+        "run on a GPU: `bash benchmarks/gpu.sh` checks both paths against each other first.",
+)
+_LINEAR_FIELDS = (LINEAR_FEATURE_MAP, LINEAR_NORMALIZATION, LINEAR_ATTENTION_PATH)
 
 register_solver(Solver(
     "linear", HEAD, LinearHeads, "unnormalised linear attention",

@@ -16,7 +16,7 @@ import functools
 import pytest
 import torch
 from conftest import left_pad, tiny_config
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
 
 from energy_gpt import EnergyGPTForCausalLM
 
@@ -269,6 +269,17 @@ def test_static_cache_equals_no_cache_or_refuses_loops_and_recurrent_states(vari
             with_cache(variant, "greedy", cache_implementation="static")
     else:
         assert torch.equal(with_cache(variant, "greedy", cache_implementation="static"), reference(variant, "greedy"))
+
+
+def test_quantized_cache_refuses_loops():
+    """A quantized cache builds its `n_layer` layers with its own settings, so it cannot hold the later loops: a clear
+    error. (Checked with the fp8 backend, which needs no extra package, where the running transformers has it.)"""
+    try:
+        QuantizedCache(backend="fp8", config=model_for("gd-softmax-loops2").config)
+    except ValueError:
+        pytest.skip("this transformers release has no fp8 backend for QuantizedCache")
+    with pytest.raises(ValueError, match=r"`num_loops` > 1 every loop keeps its own cache layers .* QuantizedCache"):
+        with_cache("gd-softmax-loops2", "greedy", cache_implementation="quantized", cache_config={"backend": "fp8"})
 
 
 def next_token_logits(model, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
