@@ -26,8 +26,8 @@ MIN_DISTINCT = 3
 N_LAYER = 2
 # Wide, untied weights: tiny random models fall into repeating one token, which would hide a broken cache (a model
 # that sees only the last token repeats it too). Seed and width chosen so that every variant's greedy continuations
-# have at least MIN_DISTINCT distinct tokens (asserted below; most seeds at initializer_range 0.2 to 1.0 give a
-# repeated token for some linear-energy or looped variant).
+# have at least MIN_DISTINCT distinct tokens (asserted below; the other seeds tried, 0 to 5 at initializer_range 0.2,
+# 0.5 and 1.0, repeat a token in some linear-energy or looped variant).
 WEIGHT_SEED = 4
 INITIALIZER_RANGE = 1.0
 SAMPLING_SEED = 5
@@ -94,8 +94,8 @@ def model_for(variant: str) -> EnergyGPTForCausalLM:
 def draft_model() -> EnergyGPTForCausalLM:
     """The assistant of assisted decoding: another tiny EnergyGPT with the same vocabulary and other weights."""
     torch.manual_seed(WEIGHT_SEED + 1)
-    config = tiny_config(n_layer=1, n_embd=32, initializer_range=INITIALIZER_RANGE, tie_word_embeddings=False, bos_token_id=None,
-                         eos_token_id=None, pad_token_id=PAD)
+    config = tiny_config(n_layer=1, n_embd=32, initializer_range=INITIALIZER_RANGE, tie_word_embeddings=False,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=PAD)
     return EnergyGPTForCausalLM(config).eval()
 
 
@@ -298,7 +298,8 @@ def prefilled_cache(model, input_ids: torch.Tensor) -> Cache:
 @pytest.mark.parametrize("variant", SUBSET)
 def test_cache_operations_reach_every_loop_and_state(variant):
     """After a prefill of four rows, each batch operation of the cache, then one more token: the logits of a prefill
-    of the rows it selects (the whole sequence recomputed). Crop (where the states allow it) then one token: the same."""
+    of the rows it selects (the whole sequence recomputed). Crop (where the states allow it), then one token: the
+    same. The cache is the one `generate` builds, sized for `n_layer` layers before the first forward."""
     model = model_for(variant)
     _, energy, loops = parse(variant)
     generator = torch.Generator().manual_seed(2)
