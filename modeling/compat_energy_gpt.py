@@ -113,7 +113,8 @@ def update_kv_cache(
     cache: Cache, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_position: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`cache.update` with the new tokens' positions in its kwargs: static caches place the tokens by
-    `cache_position` up to 5.3; from 5.4 they count the tokens themselves and ignore it (dynamic caches never read it)."""
+    `cache_position` up to 5.3; from 5.4 they count the tokens themselves and ignore it (dynamic caches never read
+    it)."""
     return cache.update(key, value, layer_idx, {"cache_position": cache_position})
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -20,7 +21,6 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers import initialization as init
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
@@ -151,11 +151,12 @@ class EnergyGPTAttention(nn.Module):
         attention_weights = getattr(self.head_rule, "attention_weights", None)
         if attention_weights is None:
             raise ValueError(
-                f"`output_attentions=True`: the head rule {type(self.head_rule).__name__} returned no attention weights "
-                "and defines no `attention_weights` method to compute them."
+                f"`output_attentions=True`: the head rule {type(self.head_rule).__name__} returned no attention "
+                "weights and defines no `attention_weights` method to compute them."
             )
         return attention_weights(
-            self, query, key, value, attention_mask, cache=cache, cache_index=cache_index, scaling=self.scaling, **kwargs
+            self, query, key, value, attention_mask,
+            cache=cache, cache_index=cache_index, scaling=self.scaling, **kwargs,
         )
 
 

@@ -445,6 +445,7 @@ class MomentumResidual(nn.Module):
 
 
 NAG_LOOKAHEAD_MODES = ("qkv", "query")
+NEWTON_PATHS = ("torch", "triton")
 
 
 class NesterovResidual(MomentumResidual):
@@ -543,7 +544,9 @@ def attention_probabilities(query, key, attention_mask, scaling: float) -> torch
     return torch.softmax(scores, dim=-1)
 
 
-def softmax_attention_weights(attention, query, key, value, attention_mask, *, scaling: float, **kwargs) -> torch.Tensor:
+def softmax_attention_weights(
+    attention, query, key, value, attention_mask, *, scaling: float, **kwargs
+) -> torch.Tensor:
     """The softmax attention weights (B, H, Tq, S) of one call, before attention dropout, for `output_attentions=True`
     on backends that do not return them (sdpa, flash, custom kernels): the same probabilities eager returns."""
     key, _ = keys_visible_without_mask(key, value, attention_mask, query.shape[2])
@@ -637,6 +640,7 @@ class NewtonHeads(nn.Module):
         super().__init__()
         add_solver_parameters(self, config, layer_idx)
         self.step_bound = config.newton_step_bound
+        self.fused_kernels = config.newton_path == "triton"  # opt-in: see the `newton_path` field
 
     def forward(self, attention, query, key, value, attention_mask, attention_interface=None, dropout: float = 0.0,
                 scaling: float = 1.0, cache=None, cache_index=None, key_padding_mask=None, **kwargs):
@@ -651,7 +655,8 @@ class NewtonHeads(nn.Module):
         attn_output, attn_weights = attention_interface(attention, query, key, value, attention_mask,
                                                         dropout=0.0, scaling=scaling, **kwargs)
         mean = attn_output.transpose(1, 2).float()  # (batch, heads, q_len, head_dim)
-        use_kernel, padding = fused_kernel_padding(query, key, attention_mask, key_padding_mask)
+        use_kernel, padding = (fused_kernel_padding(query, key, attention_mask, key_padding_mask)
+                               if self.fused_kernels else (False, None))
         if attn_weights is not None:  # eager returns the probabilities: reuse them
             correction = self._bounded(*self._step_from_probabilities(attn_weights.float(), value.float(), mean, None))
         elif use_kernel:  # CUDA: one fused flash-style pass over the keys (newton_kernels_energy_gpt.py)
@@ -728,7 +733,8 @@ class LightNewtonHeads(NewtonHeads):
         attn_output, attn_weights = attention_interface(attention, query, key, value, attention_mask,
                                                         dropout=0.0, scaling=scaling, **kwargs)
         mean = attn_output.transpose(1, 2).float()
-        use_kernel, padding = fused_kernel_padding(query, key, attention_mask, key_padding_mask)
+        use_kernel, padding = (fused_kernel_padding(query, key, attention_mask, key_padding_mask)
+                               if self.fused_kernels else (False, None))
         if attn_weights is not None:
             second_moment = torch.matmul(attn_weights.float(), squared_values)
         elif use_kernel:
@@ -845,6 +851,10 @@ _NEWTON_FIELDS = (
     SolverField("newton_step_bound", 0.5, _check_step_bound,
                 "Soft bound on the Newton correction relative to mu (||lambda_eff Sigma mu|| < bound ||mu||); None "
                 "gives the plain formula with no scaling."),
+    SolverField("newton_path", "torch", check_choice("newton_path", NEWTON_PATHS),
+                "How the second pass runs: `torch` (default) or `triton`, the fused Triton kernels where they can run "
+                "(CUDA, or Triton's CPU interpreter with TRITON_INTERPRET=1; the PyTorch path elsewhere). The kernels "
+                "have not yet run on a GPU: `bash benchmarks/gpu.sh` checks both paths against each other first."),
 )
 _NEWTON_LAMBDA = SolverParameter("newton_lambda", "newton_lambda", lambda config, layer_idx: (config.n_head,),
                                  "lambda_{l,h}, one per head.", per_head=True)
@@ -946,6 +956,7 @@ __all__ = [
     "HEAD",
     "LOCAL_ENERGIES",
     "NAG_LOOKAHEAD_MODES",
+    "NEWTON_PATHS",
     "RESIDUAL",
     "Solver",
     "SolverField",
