@@ -136,3 +136,22 @@ def test_a_tiny_comparison_reports_the_task_metric_beside_its_chance(tmp_path, t
     assert report["settings"]["chance"] == pytest.approx(chance)
     table = (output_dir / "comparison.md").read_text()
     assert "## Task metric: " in table and f"| {chance:.4f} |" in table and "- Metric: " in table
+
+
+def test_a_preset_sets_task_and_shape_and_explicit_options_win(tmp_path):
+    from energy_gpt.recipes.compare import prepare
+    from energy_gpt.recipes.compare.arguments import PRESETS
+
+    assert {"mqar-1layer", "mqar-2layer", "induction-1layer", "induction-2layer"} <= set(PRESETS)
+    tiny_mqar = ["--mqar_vocab_size", "16", "--mqar_sequence_length", "16", "--mqar_num_kv_pairs", "2"]
+    base = ["--output_dir", str(tmp_path / "out"), "--solvers", "gd", "--seeds", "1", *SHORT_BUDGET]
+    comparison = prepare([*base, *tiny_mqar, "--preset", "mqar-2layer"], 0.0)
+    # SHORT_BUDGET's --config_overrides (2 layers, width 16) come after the preset's and win where they overlap.
+    assert comparison.task.name == "mqar" and comparison.base_config.n_embd == 16
+    comparison = prepare([*base[:6], "--max_steps", "2", "--preset", "induction-1layer",
+                          "--induction_vocab_size", "8", "--induction_segment_length", "4"], 0.0)
+    assert comparison.task.name == "induction"
+    assert (comparison.base_config.n_layer, comparison.base_config.n_embd, comparison.base_config.n_head) == (1, 64, 2)
+    comparison = prepare([*base, "--preset", "mqar-1layer", "--task", "lis"], 0.0)  # --task wins
+    assert comparison.task.name == "longest increasing subsequence"
+    assert not (tmp_path / "out").exists()  # prepare writes nothing

@@ -22,6 +22,32 @@ DEFAULT_TOKENIZER_VOCAB_SIZE = 4096
 NON_MODEL_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "architectures", "auto_map", "model_type"})
 
 
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model shape and task where the solvers' differences show (docs/compare.md, "Presets"): its config
+    overrides go before --config_overrides (yours win), its task applies unless --task is given."""
+
+    name: str
+    task: str
+    config_overrides: str
+    summary: str
+
+
+PRESETS = {preset.name: preset for preset in (
+    Preset("mqar-1layer", "mqar", "n_layer=1,n_embd=64,n_head=2",
+           "MQAR with one layer of width 64 (2 heads): one attention step must match a key and fetch its value"),
+    Preset("mqar-2layer", "mqar", "n_layer=2,n_embd=64,n_head=2",
+           "MQAR with two layers of width 64 (2 heads), Zoology's usual depth"),
+    Preset("induction-1layer", "induction", "n_layer=1,n_embd=64,n_head=2",
+           "induction with one layer: an induction head needs a previous-token head below it, so one layer cannot "
+           "copy except through what the solver's attention step adds"),
+    Preset("induction-2layer", "induction", "n_layer=2,n_embd=64,n_head=2",
+           "induction with two layers: the classic previous-token + induction-head circuit fits"),
+)}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Config overrides: `field=value,field=value`, for any config field
 
@@ -195,6 +221,11 @@ class CompareArguments:
                           "per core). 1 by default: the default model is so small that a second thread gains little, "
                           "on a busy machine spinning OpenMP threads made each step ~10x slower in our measurements, "
                           "and a fixed count keeps the losses reproducible."},
+    )
+    preset: str | None = field(
+        default=None,
+        metadata={"help": "A named task and model shape (docs/compare.md, 'Presets'); --config_overrides and --task "
+                          "still win.", "choices": list(PRESETS)},
     )
     task: str | None = field(
         default=None,

@@ -19,7 +19,7 @@ from ..common import argument_error_exit, recipe_command, recipe_parser, setup_l
 from ..pretrain import check_training_steps
 from . import runner
 from .analysis import aggregate
-from .arguments import REFERENCE_SOLVER, CompareArguments, CompareDataArguments, SolverSpec
+from .arguments import PRESETS, REFERENCE_SOLVER, CompareArguments, CompareDataArguments, SolverSpec
 from .report import duration_text, header_lines, render_table, write_outputs
 from .store import (
     OUTPUT_FILES,
@@ -186,8 +186,12 @@ def prepare(argv: list[str], started: float) -> Comparison:
     check_training_steps(training_args, required=True)  # every run trains the same number of steps
     setup_logging(training_args)
     training_args.include_num_input_tokens_seen = "all"  # tokens/s needs Trainer's count of input tokens
+    preset = PRESETS.get(compare_args.preset)
+    if preset is not None:
+        compare_args.task = compare_args.task or preset.task
     if model_args.config_name is None:
-        model_args.config_overrides = ",".join(filter(None, (DEFAULT_MODEL_OVERRIDES, model_args.config_overrides)))
+        model_args.config_overrides = ",".join(filter(None, (
+            DEFAULT_MODEL_OVERRIDES, preset.config_overrides if preset else None, model_args.config_overrides)))
     specs = compare_args.solver_specs()
     seeds = compare_args.seed_list(training_args.seed)
     output_dir = Path(training_args.output_dir)
