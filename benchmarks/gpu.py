@@ -4,6 +4,9 @@
     bash benchmarks/gpu.sh            # or: python -m benchmarks.gpu [--budget_s 480]
 
 Stages, in order of importance (the report is rewritten after each, so a run cut short still leaves what it had):
+  0. both paths of the model's opt-in kernels against each other (`newton_path` torch vs triton for `newton` /
+     `newton_light`, `linear_attention_path` torch vs fla for the linear energies; fp32 logits and gradients): this
+     decides whether the kernels, which have never run on a GPU, can become the default; a mismatch stops the run;
   1. the fused Newton kernels against their PyTorch reference on this GPU (fp32 and bf16, forward and gradients);
      a mismatch stops the run;
   2. bf16, GPT-2 small width: training step / forward / decoding, GPT-2 and every solver, T = 1024 (batch 8) and
@@ -78,6 +81,75 @@ class Report:
         atomic_write_text(REPORT, render(self.data, self.elapsed()))
 
 
+# (cell, config overrides, the path field, its default value, its opt-in value)
+PATH_CELLS = [
+    ("newton", dict(attention_solver="newton"), "newton_path", "torch", "triton"),
+    ("newton_light", dict(attention_solver="newton_light"), "newton_path", "torch", "triton"),
+    ("linear", dict(attention_energy="linear"), "linear_attention_path", "torch", "fla"),
+    ("gated_linear", dict(attention_energy="gated_linear"), "linear_attention_path", "torch", "fla"),
+]
+PATH_TOLERANCE = 1e-3  # fp32, relative to the largest magnitude (tf32-free: the check disables it)
+
+
+def check_model_paths(log, device: str = "cuda", seq_len: int = 512, cells: list | None = None) -> list[dict]:
+    """Each opt-in kernel path against the default torch path in the same model (fp32 on the GPU, GPT-2 small width,
+    T = 512, a left-padded batch): logits at the real positions and every gradient. Raises AssertionError on a
+    mismatch (after logging), or when the opt-in path cannot run here (triton / fla missing)."""
+    import copy
+
+    import torch
+
+    from energy_gpt import EnergyGPTConfig, EnergyGPTForCausalLM
+    from energy_gpt.modeling import energies_energy_gpt, newton_kernels_energy_gpt
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    rows, failures = [], []
+    for cell, overrides, field, default, opt_in in cells or PATH_CELLS:
+        probe = torch.empty(0, device=device)
+        available = (newton_kernels_energy_gpt.fused_kernels_available(probe) if field == "newton_path"
+                     else energies_energy_gpt.use_fla(probe))
+        if not available:
+            failures.append(f"{cell}: {field}={opt_in!r} cannot run here (its kernels are not importable)")
+            continue
+        config = EnergyGPTConfig(n_layer=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **overrides)
+        torch.manual_seed(0)
+        models = {}
+        for path in (default, opt_in):
+            path_config = copy.deepcopy(config)
+            setattr(path_config, field, path)
+            with torch.device(device):
+                models[path] = EnergyGPTForCausalLM._from_config(path_config, attn_implementation="sdpa")
+        models[opt_in].load_state_dict(models[default].state_dict())
+        ids = torch.randint(0, config.vocab_size, (2, seq_len), device=device)
+        mask = torch.ones_like(ids)
+        mask[1, :37] = 0
+        results = {}
+        for path, model in models.items():
+            output = model(ids, attention_mask=mask, labels=ids)
+            output.loss.backward()
+            results[path] = (output.logits.detach()[mask.bool()],
+                             {key: value.grad for key, value in model.named_parameters() if value.grad is not None})
+
+        def relative(a, b):
+            return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+        errors = {"logits": relative(results[opt_in][0], results[default][0])}
+        for key, grad in results[default][1].items():
+            errors[key] = relative(results[opt_in][1][key], grad)
+        worst = max(errors, key=errors.get)
+        row = {"cell": cell, "field": field, "paths": [default, opt_in], "max_error": errors[worst], "worst": worst,
+               "tolerance": PATH_TOLERANCE, "ok": errors[worst] < PATH_TOLERANCE}
+        rows.append(row)
+        log(f"  {cell}: {field} {default} vs {opt_in}: max relative error {errors[worst]:.2e} ({worst}) "
+            f"{'ok' if row['ok'] else 'MISMATCH'}")
+        if not row["ok"]:
+            failures.append(f"{cell}: {errors[worst]:.2e} at {worst}")
+    if failures:
+        raise AssertionError("; ".join(failures))
+    return rows
+
+
 def run_models(name: str, seq_len: int, batch: int, settings, models: list[str], repeats: int, log) -> dict:
     """benchmarks.run at GPT-2 small width for one (T, batch), with the memory of the same shape."""
     from benchmarks import run
@@ -116,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
 
     report = Report("bash benchmarks/gpu.sh " + " ".join(argv or sys.argv[1:]))
     log(f"machine: {report.data['machine']}")
+    log("stage 0: the opt-in kernel paths against the default torch path in the model")
+    try:
+        report.stage("path_check", check_model_paths(log))
+    except AssertionError as error:
+        report.stage("path_check_failed", str(error))
+        log(f"path check FAILED: {error}")
+        return 1
     log("stage 1: fused kernels against the reference")
     try:
         report.stage("kernel_check", kernels.check("cuda", ["float32", "bfloat16"], log))
@@ -205,6 +284,16 @@ def render(data: dict, elapsed: float) -> str:
              f"{machine['python']}; {machine['date']}.  ",
              f"Fused Newton kernels: available {machine.get('newton_kernels', {}).get('available')}, called by the "
              f"head rules {machine.get('newton_kernels', {}).get('wired')}.\n"]
+    if "path_check_failed" in stages:
+        lines += ["## Kernel paths against the default torch path FAILED (nothing else was measured)\n",
+                  f"```\n{stages['path_check_failed']}\n```\n"]
+    if isinstance(stages.get("path_check"), list):
+        lines += ["## 0. Opt-in kernel paths against the default torch path (fp32, T = 512, padded batch)\n",
+                  "| cell | field | paths | max relative error | where | tolerance | ok |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {row['cell']} | `{row['field']}` | {' vs '.join(row['paths'])} | {row['max_error']:.2e} | "
+                  f"{row['worst']} | {row['tolerance']:g} | {'yes' if row['ok'] else 'NO'} |"
+                  for row in stages["path_check"]]
+        lines.append("")
     if "kernel_check_failed" in stages:
         lines += ["## Kernel check FAILED (nothing else was measured)\n",
                   f"```\n{stages['kernel_check_failed']}\n```\n"]
@@ -235,7 +324,7 @@ def render(data: dict, elapsed: float) -> str:
         if isinstance(stages.get(f"pytorch_path_{name}"), dict):
             lines += [f"## 5. PyTorch path forced, T={seq_len}\n",
                       f"Table: [gpu/{name}-pytorch-path/results.md](gpu/{name}-pytorch-path/results.md).\n"]
-    failed = [key for key in stages if key.endswith("_failed") and key != "kernel_check_failed"]
+    failed = [key for key in stages if key.endswith("_failed") and key not in ("kernel_check_failed", "path_check_failed")]
     for key in failed:
         lines += [f"## {key}\n", f"```\n{stages[key]}\n```\n"]
     if data.get("skipped"):

@@ -177,6 +177,10 @@ def build_model(name: str, shape: Shape, n_positions: int, settings: Settings, g
         with settings.torch_device:  # initialise on the device (fast on a GPU), then cast
             model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
         return model.to(settings.torch_device, settings.torch_dtype)
+    # The model's kernel paths are opt-in (default torch): `auto` / `fused` ask for the fused Newton kernels and
+    # flash-linear-attention, which the head rules use where they can run.
+    fast = settings.newton_path != "pytorch"
+    common.update(newton_path="triton" if fast else "torch", linear_attention_path="fla" if fast else "torch")
     config = EnergyGPTConfig(**common, **energy_fields(name))
     if preserving:
         config = EnergyGPTConfig(**common, **energy_fields(name), **equivalence.function_preserving_settings(config))

@@ -41,7 +41,7 @@ def test_tables_follow_the_registry():
         solvers = solver_table(with_fields=True)
         row = next(line for line in solvers.splitlines() if line.startswith("| `twin_newton` |"))
         assert row == ("| `twin_newton` | head | TwinMHA | `o = mu + lambda \\|Sigma\\| mu` | `newton_lambda=0` | "
-                       "`newton_lambda=0.1`, `newton_step_bound=0.5` |")
+                       "`newton_lambda=0.1`, `newton_step_bound=0.5`, `newton_path='torch'` |")
         grid = energy_table().splitlines()
         columns = [cell.strip() for cell in grid[0].strip("|").split("|")]
         twin = columns.index("`twin_newton`")

@@ -1,5 +1,6 @@
-"""The Newton head rules pick the fused Triton kernels by themselves where they can run (CUDA; here Triton's CPU
-interpreter) and then compute the eager path's logits and gradients (fp32, within 1e-4), padded batches included."""
+"""With `newton_path="triton"` (opt-in) the Newton head rules call the fused Triton kernels where they can run (CUDA;
+here Triton's CPU interpreter) and then compute the eager path's logits and gradients (fp32, within 1e-4), padded
+batches included; with the default `newton_path="torch"` they never call them."""
 
 import subprocess
 import sys
@@ -21,7 +22,7 @@ for name in ("newton_second_moments", "light_second_moment"):
 for solver in ("newton", "newton_light"):
     config = EnergyGPTConfig(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=2, attention_solver=solver,
                              initializer_range=0.2, newton_lambda=0.5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                             bos_token_id=0, eos_token_id=0)
+                             bos_token_id=0, eos_token_id=0, newton_path="triton")
     torch.manual_seed(0)
     fused = EnergyGPTForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa")
     eager = EnergyGPTForCausalLM._from_config(copy.deepcopy(config), attn_implementation="eager")
@@ -43,6 +44,12 @@ for solver in ("newton", "newton_light"):
     for (name, a), (_, b) in zip(fused.named_parameters(), eager.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
     print(solver, "ok", losses)
+    default = EnergyGPTForCausalLM._from_config(EnergyGPTConfig(**{**config.to_dict(), "newton_path": "torch"}),
+                                                attn_implementation="sdpa")
+    calls.clear()
+    with torch.no_grad():
+        default(ids, attention_mask=mask)
+    assert not calls, "the default path called the fused kernels"
 """
 
 
@@ -55,3 +62,31 @@ def test_newton_heads_use_the_fused_kernels_and_match_eager():
                             env={**os.environ, **env})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "newton ok" in result.stdout and "newton_light ok" in result.stdout
+
+
+@pytest.mark.parametrize("field, allowed", [("newton_path", "'torch', 'triton'"), ("linear_attention_path", "'torch', 'fla'")])
+def test_kernel_paths_are_opt_in_with_a_clear_error(field, allowed):
+    from energy_gpt import EnergyGPTConfig
+
+    assert getattr(EnergyGPTConfig(), field) == "torch"
+    with pytest.raises(ValueError, match=rf"`{field}` must be one of \[{allowed}\], got 'cuda'"):
+        EnergyGPTConfig(**{field: "cuda"})
+
+
+@pytest.mark.parametrize("path, expected_calls", [("torch", 0), ("fla", 3)])
+def test_linear_energies_call_flash_linear_attention_only_when_asked(monkeypatch, path, expected_calls):
+    """`use_fla` forced true (as on CUDA with fla installed): only `linear_attention_path="fla"` dispatches there."""
+    import torch
+
+    from energy_gpt import EnergyGPTConfig, EnergyGPTForCausalLM
+    from energy_gpt.modeling import energies_energy_gpt as energies
+
+    calls = []
+    monkeypatch.setattr(energies, "use_fla", lambda query: True)
+    monkeypatch.setattr(energies, "fla_linear_attention", lambda q, k, v, g, s: calls.append(1) or
+                        energies.chunked_linear_attention(q, k, v, g, s))
+    config = EnergyGPTConfig(vocab_size=101, n_positions=64, n_embd=32, n_layer=3, n_head=2, attention_energy="linear",
+                             linear_attention_path=path)
+    with torch.no_grad():
+        EnergyGPTForCausalLM(config)(torch.randint(0, 100, (1, 9)))
+    assert len(calls) == expected_calls
