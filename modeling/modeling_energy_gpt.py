@@ -246,8 +246,9 @@ class EnergyGPTPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, which also loads checkpoints of earlier releases: EnergyGPT 0.1's solver
         scalars sat under `attn.solver.` (renamed in the same pass by transformers' `key_mapping`, which is
-        `_LEGACY_SOLVER_KEYS` unless the caller gives one; it renames nothing in today's checkpoints), and per-layer scalars such as `momentum_beta` were 0-dim before they became (1,) for FSDP2
-        (built 0-dim while such a checkpoint loads, then reshaped with their values)."""
+        `_LEGACY_SOLVER_KEYS` unless the caller gives one; it renames nothing in today's checkpoints), and per-layer
+        scalars such as `momentum_beta` were 0-dim before they became (1,) for FSDP2 (built 0-dim while such a
+        checkpoint loads, then reshaped with their values)."""
         wants_loading_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         kwargs.setdefault("key_mapping", _LEGACY_SOLVER_KEYS)
