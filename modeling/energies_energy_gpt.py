@@ -52,6 +52,7 @@ from .solvers_energy_gpt import (
     check_positive,
     keys_visible_without_mask,
     register_solver,
+    softmax_attention_weights,
 )
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -736,6 +737,13 @@ class RecencyBiasedSoftmaxHeads(nn.Module):
         key, value = keys_visible_without_mask(key, value, attention_mask, query.shape[2])
         mask = recency_biased_mask(attention_mask, self.recency_slopes(), query.shape[2], key.shape[2], query.dtype)
         return attention_interface(attention, query, key, value, mask, **kwargs)
+
+    def attention_weights(self, attention, query, key, value, attention_mask, *, scaling: float,
+                          **kwargs) -> torch.Tensor:
+        """`output_attentions=True` where the backend returns none (sdpa): the biased probabilities eager returns."""
+        key, value = keys_visible_without_mask(key, value, attention_mask, query.shape[2])
+        mask = recency_biased_mask(attention_mask, self.recency_slopes(), query.shape[2], key.shape[2], query.dtype)
+        return softmax_attention_weights(attention, query, key, value, mask, scaling=scaling)
 
 
 def _recency_gate_logit(config, layer_idx: int, shape: tuple[int, ...]) -> torch.Tensor:

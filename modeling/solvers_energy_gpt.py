@@ -809,6 +809,16 @@ class TwicingHeads(nn.Module):
         output = mean + lam * (mean - twice.float())
         return output.to(value.dtype).transpose(1, 2), attn_weights
 
+    def attention_weights(self, attention, query, key, value, attention_mask, *, scaling: float, cache=None,
+                          cache_index=None, **kwargs) -> torch.Tensor:
+        """`output_attentions=True` where the backend returns none (sdpa, flash): A, the softmax attention both
+        passes apply (what eager returns), over every key of the call just made (cached ones included)."""
+        if cache is not None:
+            from .energies_energy_gpt import energy_state_layer
+
+            key = energy_state_layer(cache, cache_index).states["key"]  # stored by the call: cached and new keys
+        return softmax_attention_weights(attention, query, key, key, attention_mask, scaling=scaling)
+
 
 class SoftmaxHeads(nn.Module):
     """The softmax energy's gradient step: standard attention through the configured attention interface (eager,

@@ -726,15 +726,18 @@ def test_save_pretrained_writes_auto_map_and_model_files(cls, tmp_path):
 # output_attentions: the weights of every rule on every backend.
 # ---------------------------------------------------------------------------------------------------------------------
 
-ATTENTION_WEIGHT_FAMILIES = {
-    "gd": {},
-    "nag": {"attention_solver": "nag", "momentum_beta": 0.5},
-    "newton": {"attention_solver": "newton", "newton_lambda": 0.3},
-    "newton_light": {"attention_solver": "newton_light", "newton_lambda": 0.3},
-    "linear": {"attention_energy": "linear"},
-    "gated_linear": {"attention_energy": "gated_linear"},
-    "huber": {"local_energy": "huber"},
-}
+def attention_weight_families() -> dict[str, dict]:
+    """Every registered energy, robust local energy and head solver (and a residual solver), as config overrides."""
+    from energy_gpt.modeling.solvers_energy_gpt import ATTENTION_ENERGIES, ATTENTION_SOLVERS, HEAD, LOCAL_ENERGIES
+
+    families = {"nag": {"attention_solver": "nag", "momentum_beta": 0.5}}
+    families.update({f"energy={name}": {"attention_energy": name} for name in ATTENTION_ENERGIES})
+    families.update({f"local={name}": {"local_energy": name} for name, rule in LOCAL_ENERGIES.items() if rule})
+    families.update({name: {"attention_solver": name} for name, rule in ATTENTION_SOLVERS.items() if rule.kind == HEAD})
+    return families
+
+
+ATTENTION_WEIGHT_FAMILIES = attention_weight_families()
 
 
 @pytest.mark.parametrize("family", sorted(ATTENTION_WEIGHT_FAMILIES))
@@ -759,6 +762,23 @@ def test_output_attentions_gives_the_same_weights_on_eager_and_sdpa(family):
         assert torch.all(at_real.masked_fill(real_keys, 0.0) == 0), f"{implementation}: weight on padding"
     torch.testing.assert_close(weights["sdpa"].masked_fill(~real_queries, 0.0),
                                weights["eager"].masked_fill(~real_queries, 0.0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", [name for name in sorted(ATTENTION_WEIGHT_FAMILIES) if "linear" not in name])
+def test_output_attentions_in_cached_generation_match_across_backends(family):
+    """With a cache, each step's weights cover the cached keys too (the rules that keep their own keys included)."""
+    prompt = torch.tensor([[5, 17, 42, 9]])
+    steps = {}
+    for implementation in ATTENTION_IMPLEMENTATIONS:
+        torch.manual_seed(0)
+        model = EnergyGPTForCausalLM(tiny_config(**ATTENTION_WEIGHT_FAMILIES[family])).eval()
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            steps[implementation] = model.generate(prompt, max_new_tokens=3, do_sample=False, output_attentions=True,
+                                                   return_dict_in_generate=True, pad_token_id=0).attentions
+    assert [tuple(step[0].shape[-2:]) for step in steps["sdpa"]] == [(4, 4), (1, 5), (1, 6)]
+    for sdpa_step, eager_step in zip(steps["sdpa"], steps["eager"], strict=True):
+        torch.testing.assert_close(torch.stack(sdpa_step), torch.stack(eager_step), rtol=1e-5, atol=1e-6)
 
 
 class _Attention(torch.nn.Module):
