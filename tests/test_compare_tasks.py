@@ -62,25 +62,27 @@ def test_mqar_chance_levels_match_a_simulated_guesser():
     assert (picked[scored] == labels[scored]).mean() == pytest.approx(task.context_guess_accuracy, abs=0.015)
 
 
-def test_induction_labels_are_the_tokens_one_segment_earlier_and_chance_is_one_over_the_vocabulary():
+def test_induction_labels_are_the_repeated_segment_and_chance_is_one_over_the_vocabulary():
     from energy_gpt.recipes.recall import InductionTask, generate_induction
     from energy_gpt.recipes.synthetic import IGNORE_INDEX
 
-    task = InductionTask(vocab_size=10, segment_length=6)
+    task = InductionTask(vocab_size=10, segment_length=6, max_gap=5)
     inputs, labels = generate_induction(task, 3000, seed=3)
-    assert inputs.shape == (3000, 12)
-    for row_inputs, row_labels in zip(inputs[:50], labels[:50]):
-        for i, label in enumerate(row_labels):
-            if i <= 6:
-                assert label == IGNORE_INDEX  # the first segment and the repeat's first token are not scored
-            else:
-                assert label == row_inputs[i] == row_inputs[i - 6]
+    assert inputs.shape == (3000, 17)
+    starts = set()
+    for row_inputs, row_labels in zip(inputs, labels):
+        scored = [i for i, label in enumerate(row_labels) if label != IGNORE_INDEX]
+        start = scored[0] - 1  # the repeat's first token is not scored
+        starts.add(start)
+        assert scored == list(range(start + 1, start + 6)) and 6 <= start <= 11
+        assert list(row_inputs[start:start + 6]) == list(row_inputs[:6])  # the segment again
+        assert all(row_labels[i] == row_inputs[i] == row_inputs[i - start] for i in scored)
+    assert starts == set(range(6, 12))  # every gap from 0 to max_gap occurs
     scored = labels != IGNORE_INDEX
     guesses = np.random.default_rng(0).integers(0, 10, size=labels.shape)
     assert (guesses[scored] == labels[scored]).mean() == pytest.approx(task.chance_accuracy, abs=0.01)
-    # A model that copies the token one segment back (what an induction head does) is always right.
-    copied = np.roll(inputs, 6, axis=1)
-    assert (copied[scored] == labels[scored]).all()
+    again, _ = generate_induction(task, 3000, seed=3)
+    assert np.array_equal(inputs, again)
 
 
 def test_lis_chance_is_the_most_frequent_answer():
@@ -121,7 +123,7 @@ def test_tasks_are_registered_and_validated():
 
 @pytest.mark.parametrize("task, options", [
     ("mqar", ["--mqar_vocab_size", "16", "--mqar_sequence_length", "16", "--mqar_num_kv_pairs", "2"]),
-    ("induction", ["--induction_vocab_size", "8", "--induction_segment_length", "4"]),
+    ("induction", ["--induction_vocab_size", "8", "--induction_segment_length", "4", "--induction_max_gap", "2"]),
 ])
 def test_a_tiny_comparison_reports_the_task_metric_beside_its_chance(tmp_path, task, options):
     from energy_gpt.recipes.compare import main

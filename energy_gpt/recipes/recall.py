@@ -9,8 +9,11 @@ an even offset of the rest of the sequence drawn with probability proportional t
 (x = 1, 2, ...: with a small `power_a` most queries come early, a few far away), each followed by its value; the other
 positions hold random tokens. The model is scored on predicting each queried key's value (the token after the query).
 
-Induction: a random segment of `segment_length` tokens, then the same segment again; the model is scored on every
-token of the repeat after its first (which no model can know), i.e. on continuing a sequence it has seen before.
+Induction: a random segment of `segment_length` tokens, a random number (0 to `max_gap`) of random tokens, then the
+same segment again, then random tokens to the fixed length; the model is scored on every token of the repeat after its
+first (which no model can know), i.e. on continuing a sequence it has seen before. The gap varies, so the copy is not
+at a fixed distance that position embeddings alone could find: the model has to look up what followed the current
+token earlier (an induction head).
 """
 
 import math
@@ -102,20 +105,24 @@ def generate_mqar(task: MQARTask, num_examples: int, seed: int | str) -> tuple[n
 
 @dataclass(frozen=True)
 class InductionTask:
-    """A random segment of `segment_length` tokens from `vocab_size`, then the segment again."""
+    """A random segment of `segment_length` tokens from `vocab_size`, a gap of 0 to `max_gap` random tokens, then the
+    segment again."""
 
     vocab_size: int = 64
     segment_length: int = 16
+    max_gap: int = 16
 
     def __post_init__(self):
         if self.vocab_size < 2:
             raise ValueError(f"--induction_vocab_size must be >= 2, got {self.vocab_size}.")
         if self.segment_length < 2:
             raise ValueError(f"--induction_segment_length must be >= 2, got {self.segment_length}.")
+        if self.max_gap < 0:
+            raise ValueError(f"--induction_max_gap must be >= 0, got {self.max_gap}.")
 
     @property
     def sequence_length(self) -> int:
-        return 2 * self.segment_length
+        return 2 * self.segment_length + self.max_gap
 
     @property
     def chance_accuracy(self) -> float:
@@ -123,12 +130,16 @@ class InductionTask:
 
 
 def generate_induction(task: InductionTask, num_examples: int, seed: int | str) -> tuple[np.ndarray, np.ndarray]:
-    """(input ids, labels): the segment twice; labels on the repeat's tokens after its first (IGNORE_INDEX elsewhere)."""
+    """(input ids, labels): the segment, a random gap, the segment again, random tokens to the end; labels on the
+    repeat's tokens after its first (IGNORE_INDEX elsewhere)."""
     rng = _rng(seed)
-    segment = rng.integers(0, task.vocab_size, size=(num_examples, task.segment_length))
-    inputs = np.concatenate([segment, segment], axis=1)
+    length = task.segment_length
+    inputs = rng.integers(0, task.vocab_size, size=(num_examples, task.sequence_length))
     labels = np.full_like(inputs, IGNORE_INDEX)
-    labels[:, task.segment_length + 1:] = segment[:, 1:]
+    starts = length + rng.integers(0, task.max_gap + 1, size=num_examples)
+    for row, start in enumerate(starts):
+        inputs[row, start:start + length] = inputs[row, :length]
+        labels[row, start + 1:start + length] = inputs[row, 1:length]
     return inputs, labels
 
 

@@ -245,6 +245,9 @@ class CompareArguments:
     induction_segment_length: int = field(
         default=16, metadata={"help": "induction: length of the segment, shown twice."}
     )
+    induction_max_gap: int = field(
+        default=16, metadata={"help": "induction: the repeat follows after 0 to this many random tokens."}
+    )
     lis_min_length: int = field(default=4, metadata={"help": "Synthetic task: shortest number sequence."})
     lis_max_length: int = field(default=10, metadata={"help": "Synthetic task: longest number sequence."})
     lis_max_value: int = field(default=16, metadata={"help": "Synthetic task: numbers are drawn from [0, max_value)."})
@@ -323,7 +326,8 @@ class CompareArguments:
                         num_kv_pairs=self.mqar_num_kv_pairs, power_a=self.mqar_power_a)
 
     def induction_task(self) -> InductionTask:
-        return InductionTask(vocab_size=self.induction_vocab_size, segment_length=self.induction_segment_length)
+        return InductionTask(vocab_size=self.induction_vocab_size, segment_length=self.induction_segment_length,
+                             max_gap=self.induction_max_gap)
 
     def lis_task(self) -> LISTask:
         return LISTask(min_length=self.lis_min_length, max_length=self.lis_max_length, max_value=self.lis_max_value)

@@ -271,8 +271,8 @@ def prepare_induction(inputs: TaskInputs) -> PreparedTask:
     return prepare_generated_task(
         "induction", generate_induction, shape, shape.vocab_size, shape.sequence_length,
         "accuracy on the copied tokens", shape.chance_accuracy, f"guessing a token (1/{shape.vocab_size})",
-        f"induction: a random segment of {shape.segment_length} tokens from {shape.vocab_size}, then the segment "
-        "again; loss and accuracy on the repeat's tokens after its first", inputs,
+        f"induction: a random segment of {shape.segment_length} tokens from {shape.vocab_size}, 0 to {shape.max_gap} "
+        "random tokens, then the segment again; loss and accuracy on the repeat's tokens after its first", inputs,
     )
 
 
