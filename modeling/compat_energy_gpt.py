@@ -7,7 +7,12 @@ version themselves. Dropping an old release means deleting its branch here and n
 Names every supported release spells the same way are imported directly where they are used, with no shim:
 `transformers.configuration_utils.PreTrainedConfig` (5.0 already has it; `PretrainedConfig` is its alias),
 `transformers.initialization` (5.0 on; its `copy_` / `normal_` skip tensors loaded from a checkpoint),
-`create_causal_mask`, `DynamicCache` / `DynamicLayer`.
+`create_causal_mask`, `DynamicCache` / `DynamicLayer`, `from_pretrained(key_mapping=...)` and
+`save_pretrained(save_original_format=...)`.
+
+One difference cannot live here: `set_attn_implementation` decides from the *model file's source text* whether a model
+can switch backends at run time, so `modeling_energy_gpt.py` spells the backend lookup as transformers' models do
+(`ALL_ATTENTION_FUNCTIONS.get_interface(...)`, which this module provides on 5.0 too).
 
 One private attribute is read on purpose: `config._attn_implementation`, in the attention sublayer exactly as in
 transformers' own models. It is how every transformers model reads the attention backend, and no 5.x release has a
