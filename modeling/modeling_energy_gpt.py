@@ -268,8 +268,8 @@ class EnergyGPTPreTrainedModel(PreTrainedModel):
                 continue
             break
         reshape_zero_dim_scalars(model)
-        if mismatched and not ignore_mismatched_sizes:
-            raise ValueError(
+        if mismatched and not ignore_mismatched_sizes:  # the error transformers raises itself
+            raise RuntimeError(
                 "The checkpoint's tensors do not have the model's shapes (key, checkpoint shape, model shape): "
                 f"{sorted(mismatched)}. Pass `ignore_mismatched_sizes=True` to initialise them instead."
             )
