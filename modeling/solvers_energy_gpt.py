@@ -776,12 +776,23 @@ class TwicingHeads(nn.Module):
         super().__init__()
         add_solver_parameters(self, config, layer_idx)
 
-    def forward(self, attention, query, key, value, attention_mask, attention_interface=None, dropout: float = 0.0,
-                scaling: float = 1.0, cache=None, cache_index=None, key_padding_mask=None, **kwargs):
+    @staticmethod
+    def state_layer(cache, cache_index: int):
+        """The rule's own layer of the generation cache (keys, values and first-pass outputs), dynamic caches only."""
         from .energies_energy_gpt import energy_state_layer  # the energies module imports this one at load time
 
+        try:
+            return energy_state_layer(cache, cache_index)
+        except ValueError as error:
+            raise ValueError(
+                "`attention_solver`='twicing' keeps keys, values and its first pass's outputs in its own cache layer "
+                f"and needs a dynamic cache (`cache_implementation='dynamic'`), got a {type(cache).__name__}."
+            ) from error
+
+    def forward(self, attention, query, key, value, attention_mask, attention_interface=None, dropout: float = 0.0,
+                scaling: float = 1.0, cache=None, cache_index=None, key_padding_mask=None, **kwargs):
         num_new = query.shape[2]
-        layer = energy_state_layer(cache, cache_index) if cache is not None else None
+        layer = self.state_layer(cache, cache_index) if cache is not None else None
         past = layer.states if layer is not None else {}
         if past:
             key, value = torch.cat([past["key"], key], dim=2), torch.cat([past["value"], value], dim=2)
@@ -814,9 +825,7 @@ class TwicingHeads(nn.Module):
         """`output_attentions=True` where the backend returns none (sdpa, flash): A, the softmax attention both
         passes apply (what eager returns), over every key of the call just made (cached ones included)."""
         if cache is not None:
-            from .energies_energy_gpt import energy_state_layer
-
-            key = energy_state_layer(cache, cache_index).states["key"]  # stored by the call: cached and new keys
+            key = self.state_layer(cache, cache_index).states["key"]  # stored by the call: cached and new keys
         return softmax_attention_weights(attention, query, key, key, attention_mask, scaling=scaling)
 
 

@@ -134,3 +134,11 @@ def test_dropout_uses_one_attention_matrix_for_both_passes_and_trains_lambda():
         assert model.transformer.h[0].attn.head_rule.twicing_lambda.grad.abs().sum() > 0
         outputs[attn] = loss.detach()
     torch.testing.assert_close(outputs["eager"], outputs["sdpa"])
+
+
+def test_a_static_cache_gets_a_clear_error():
+    model = twicing_model("sdpa")
+    prompts = torch.tensor([[5, 17, 3, 99, 42]])
+    with pytest.raises(ValueError, match="twicing.*dynamic cache"):
+        model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=3, do_sample=False,
+                       pad_token_id=PAD, cache_implementation="static")
