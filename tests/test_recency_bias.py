@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 from conftest import ATTENTION_IMPLEMENTATIONS, tiny_config
-from test_generation import PAD, assert_left_padded_batch_equals_each_row_alone, assert_varied, greedy, plain_loop
+from test_generation import PAD
 from test_modeling import one_thread  # noqa: F401 (autouse fixture)
+from test_twicing import assert_generation_matches_full_forwards, assert_heads_match_reference
 
 from energy_gpt import EnergyGPTForCausalLM
 
@@ -47,23 +48,7 @@ def reference_heads(query, key, value, real, scaling, slopes):
 
 @pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
 def test_heads_match_a_float64_reference_loop(attn):
-    model = decay_model(attn)
-    input_ids = torch.tensor([[5, 17, 3, 99, 42, 8, 1], [PAD, PAD, 7, 31, 90, 13, 55]])
-    attention_mask = (input_ids != PAD).long()
-    captured = []
-
-    def capture(module, args, kwargs, output):
-        captured.append((kwargs["query"], kwargs["key"], kwargs["value"], kwargs["scaling"], output[0]))
-
-    handles = [block.attn.head_rule.register_forward_hook(capture, with_kwargs=True) for block in model.transformer.h]
-    with torch.no_grad():
-        model(input_ids, attention_mask=attention_mask, use_cache=False)
-    for handle in handles:
-        handle.remove()
-    real = attention_mask.bool()
-    for layer, (query, key, value, scaling, output) in enumerate(captured):
-        expected = reference_heads(query, key, value, real, scaling, SLOPES[layer])
-        torch.testing.assert_close(output[real].double(), expected[real], atol=2e-5, rtol=1e-5)
+    assert_heads_match_reference(decay_model(attn), reference_heads, SLOPES)
 
 
 def test_initial_slopes_are_retnet_decays_or_alibi_slopes():
@@ -82,13 +67,7 @@ def test_initial_slopes_are_retnet_decays_or_alibi_slopes():
 
 @pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
 def test_cached_generation_equals_a_loop_of_full_forwards(attn):
-    model = decay_model(attn)
-    torch.manual_seed(3)
-    prompts = torch.randint(0, PAD, (2, 5))
-    expected, _ = plain_loop(model, prompts)
-    assert_varied(expected[:, 5:])
-    assert torch.equal(greedy(model, prompts), expected)
-    assert_left_padded_batch_equals_each_row_alone(model)
+    assert_generation_matches_full_forwards(decay_model(attn))
 
 
 def test_save_and_load_keep_the_slopes_and_outputs(tmp_path):

@@ -47,11 +47,11 @@ def reference_heads(query, key, value, real, scaling, lambdas):
     return output
 
 
-@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
-def test_heads_match_a_float64_reference_with_explicit_attention_matrices(attn):
-    model = twicing_model(attn)
+def assert_heads_match_reference(model, reference, per_layer) -> None:
+    """Every layer's head-rule output, on a batch with a left-padded row, equals `reference(query, key, value, real,
+    scaling, per_layer[layer])` (float64, (B, T, H, D)) at the real tokens; the inputs are the ones the rule got."""
     input_ids = torch.tensor([[5, 17, 3, 99, 42, 8, 1], [PAD, PAD, 7, 31, 90, 13, 55]])
-    attention_mask = (input_ids != PAD).long()
+    real = input_ids != PAD
     captured = []
 
     def capture(module, args, kwargs, output):
@@ -59,14 +59,29 @@ def test_heads_match_a_float64_reference_with_explicit_attention_matrices(attn):
 
     handles = [block.attn.head_rule.register_forward_hook(capture, with_kwargs=True) for block in model.transformer.h]
     with torch.no_grad():
-        model(input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids, attention_mask=real.long(), use_cache=False)
     for handle in handles:
         handle.remove()
-    assert len(captured) == 3
+    assert len(captured) == model.config.n_layer
     for layer, (query, key, value, scaling, output) in enumerate(captured):
-        expected = reference_heads(query, key, value, attention_mask.bool(), scaling, LAMBDAS[layer])
-        real = attention_mask.bool()
+        expected = reference(query, key, value, real, scaling, per_layer[layer])
         torch.testing.assert_close(output[real].double(), expected[real], atol=2e-5, rtol=1e-5)
+
+
+def assert_generation_matches_full_forwards(model) -> None:
+    """Greedy `generate` with the cache equals a loop of full forwards (varied continuations), also for a left-padded
+    batch against each row alone."""
+    torch.manual_seed(3)
+    prompts = torch.randint(0, PAD, (2, 5))
+    expected, _ = plain_loop(model, prompts)
+    assert_varied(expected[:, 5:])
+    assert torch.equal(greedy(model, prompts), expected)
+    assert_left_padded_batch_equals_each_row_alone(model)
+
+
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+def test_heads_match_a_float64_reference_with_explicit_attention_matrices(attn):
+    assert_heads_match_reference(twicing_model(attn), reference_heads, LAMBDAS)
 
 
 @pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
@@ -97,12 +112,8 @@ def test_eager_returns_the_attention_matrix_and_the_declaration_is_read():
 @pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
 def test_cached_generation_equals_a_loop_of_full_forwards(attn):
     model = twicing_model(attn)
-    torch.manual_seed(3)
-    prompts = torch.randint(0, PAD, (2, 5))
-    expected, _ = plain_loop(model, prompts)
-    assert_varied(expected[:, 5:])
-    assert torch.equal(greedy(model, prompts), expected)
-    assert_left_padded_batch_equals_each_row_alone(model)
+    assert_generation_matches_full_forwards(model)
+    prompts = torch.tensor([[5, 17, 3, 99, 42], [7, 31, 90, 13, 55]])
     beams = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=6, num_beams=3,
                            do_sample=False, pad_token_id=PAD)
     no_cache = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=6, num_beams=3,
