@@ -361,7 +361,7 @@ def test_multi_seed_run_writes_per_seed_runs_table_curves_and_band_plot(tiny_com
 
     table = (output_dir / "comparison.md").read_text()
     for expected in ("- Seeds: 3, 4 (n = 2).", "model vocabulary 13,", "dropout resid / embd / attn 0.0 / 0.0 / 0.0",
-                     "cosine schedule with 1 warm-up steps", "- Machine: ", "torch 2.", "transformers 5.",
+                     "cosine schedule with 1 warm-up steps", "- Machine: ", "torch 2.", "transformers 5.", "energy-gpt 0.",
                      "- Wall time: ", "- Command: `energy-gpt compare --output_dir", "--seeds 3,4",
                      "| nag:momentum_beta=0.25 | ", "## What the solvers learned",
                      "## Speed: steps (seconds) to reach gd's validation loss at 25% / 50% / 75% / 100%"):

@@ -346,7 +346,7 @@ def machine_description(device: torch.device) -> dict[str, Any]:
         "transformers": transformers.__version__,
     }
     with contextlib.suppress(ImportError):
-        from .. import __version__ as energy_gpt_version
+        from ... import __version__ as energy_gpt_version
 
         description["energy_gpt"] = energy_gpt_version
     return description
