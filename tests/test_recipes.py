@@ -245,8 +245,11 @@ def test_per_document_blocks_never_cross_a_document(tmp_path, local_tokenizer_di
     block = 8
     documents = [tokenizer(text)["input_ids"] for text in texts]
 
+    train_file = tmp_path / "x.txt"  # the arguments check that it exists; the dataset itself is `raw`
+    train_file.write_text("\n".join(texts))
     per_document = pretrain.build_lm_datasets(
-        raw, pretrain.DataTrainingArguments(train_file="x.txt", pack_across_documents=False), tokenizer, block, args
+        raw, pretrain.DataTrainingArguments(train_file=str(train_file), pack_across_documents=False), tokenizer, block,
+        args
     )["train"]
     assert set(per_document.column_names) == {"input_ids", "attention_mask", "labels"}
     assert len(per_document) == sum(-(-len(ids) // block) for ids in documents)  # every token kept, tails padded
@@ -264,7 +267,7 @@ def test_per_document_blocks_never_cross_a_document(tmp_path, local_tokenizer_di
             tokens += row["input_ids"][:real]
         assert tokens == ids
 
-    packed = pretrain.build_lm_datasets(raw, pretrain.DataTrainingArguments(train_file="x.txt"), tokenizer, block,
+    packed = pretrain.build_lm_datasets(raw, pretrain.DataTrainingArguments(train_file=str(train_file)), tokenizer, block,
                                         args)["train"]
     boundaries = set(np.cumsum([len(ids) for ids in documents])[:-1])
     assert any(i * block < b < (i + 1) * block for i in range(len(packed)) for b in boundaries)  # blocks span docs
@@ -564,13 +567,17 @@ def test_model_arguments_build_the_config_with_clear_errors(tmp_path):
     assert ModelArguments().lora_target_list() == ["c_attn", "c_proj"]
 
 
-def test_data_arguments_defaults_and_errors():
+def test_data_arguments_defaults_and_errors(tmp_path):
     from energy_gpt.recipes import glue, pretrain
 
+    train_file = tmp_path / "a.txt"
+    train_file.write_text("some text\n")
     assert pretrain.DataTrainingArguments().dataset_name == "JeanKaddour/minipile"
-    assert pretrain.DataTrainingArguments(train_file="a.txt").dataset_name is None
+    assert pretrain.DataTrainingArguments(train_file=str(train_file)).dataset_name is None
     with pytest.raises(ValueError, match="either --dataset_name or --train_file"):
-        pretrain.DataTrainingArguments(dataset_name="x", train_file="a.txt")
+        pretrain.DataTrainingArguments(dataset_name="x", train_file=str(train_file))
+    with pytest.raises(FileNotFoundError, match="--train_file .*: no such file"):
+        pretrain.DataTrainingArguments(train_file=str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="--validation_split_percentage must be in 1..99"):
         pretrain.DataTrainingArguments(validation_split_percentage=0)
 
