@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-3 on CPU (DS_ACCELERATOR=cpu, gloo, one process): `from_pretrained` and `from_config` under
 `HfDeepSpeedConfig` (parameters partitioned as they are built, `deepspeed.zero.Init`) give every solver scalar and
-energy gate its value (the checkpoint's, or the configured initial value), and training steps run. Skipped when
-deepspeed is not installed (it is not in the test extra: `pip install deepspeed` with `DS_BUILD_OPS=0` first)."""
+energy gate its value (the checkpoint's, or the configured initial value), and training steps run. deepspeed is in the
+test extra; the test skips where it is not installed."""
 
 import importlib.util
 import json
