@@ -267,7 +267,7 @@ class EnergyGPTPreTrainedModel(PreTrainedModel):
                 zero_dim |= scalars
                 continue
             break
-        reshape_zero_dim_scalars(model)
+        reshape_zero_dim_scalars(model, zero_dim)
         if mismatched and not ignore_mismatched_sizes:  # the error transformers raises itself
             raise RuntimeError(
                 "The checkpoint's tensors do not have the model's shapes (key, checkpoint shape, model shape): "

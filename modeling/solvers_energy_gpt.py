@@ -310,12 +310,13 @@ def zero_dim_while_loading(names: set[str]) -> Iterator[None]:
         _ZERO_DIM_WHILE_LOADING.reset(token)
 
 
-def reshape_zero_dim_scalars(model: nn.Module) -> None:
-    """Give every 0-dim declared parameter of `model` its current shape (1,), keeping its value and trainability."""
+def reshape_zero_dim_scalars(model: nn.Module, names: set[str]) -> None:
+    """Give the parameters named in `names` that were built 0-dim (`zero_dim_while_loading`) their current shape (1,),
+    keeping value and trainability; a rule that declares a 0-dim parameter itself keeps it."""
     for module in model.modules():
         for parameter in getattr(module, "solver_parameters", ()):
             tensor = getattr(module, parameter.name)
-            if tensor.ndim != 0:
+            if tensor.ndim != 0 or parameter.name not in names:
                 continue
             if isinstance(tensor, nn.Parameter):
                 setattr(module, parameter.name, nn.Parameter(tensor.detach().reshape(1), tensor.requires_grad))
