@@ -112,7 +112,7 @@ def test_tasks_are_registered_and_validated():
     from energy_gpt.recipes.compare import CompareArguments
     from energy_gpt.recipes.compare.tasks import TASKS
 
-    assert list(TASKS) == ["lis", "mqar", "induction", "text"]
+    assert list(TASKS) == ["lis", "mqar", "induction", "icl_regression", "text"]
     with pytest.raises(ValueError, match=r"--task 'sudoku' is not a task; choose one of \['lis', 'mqar'"):
         CompareArguments(task="sudoku")
     with pytest.raises(ValueError, match="--mqar_sequence_length must be >= 4 \\* --mqar_num_kv_pairs"):

@@ -10,6 +10,7 @@ from typing import Any
 
 from ...modeling import ATTENTION_SOLVERS, EnergyGPTConfig
 from ..pretrain import DataTrainingArguments
+from ..icl_regression import RegressionTask
 from ..recall import InductionTask, MQARTask
 from ..synthetic import LISTask
 
@@ -230,9 +231,9 @@ class CompareArguments:
     task: str | None = field(
         default=None,
         metadata={"help": "What every run trains on: 'lis' (longest increasing subsequence, the default), 'mqar' "
-                          "(multi-query associative recall), 'induction' (copy a repeated segment), or 'text' (chosen "
-                          "by --train_file / --validation_file / --dataset_name). docs/compare.md describes each task, "
-                          "its metric and its chance level."},
+                          "(multi-query associative recall), 'induction' (copy a repeated segment), 'icl_regression' "
+                          "(in-context linear regression), or 'text' (chosen by --train_file / --validation_file / "
+                          "--dataset_name). docs/compare.md describes each task, its metric and its chance level."},
     )
     mqar_vocab_size: int = field(default=256, metadata={"help": "mqar: vocabulary (keys: first half, values: second)."})
     mqar_sequence_length: int = field(default=64, metadata={"help": "mqar: tokens per sequence."})
@@ -248,6 +249,9 @@ class CompareArguments:
     induction_max_gap: int = field(
         default=16, metadata={"help": "induction: the repeat follows after 0 to this many random tokens."}
     )
+    icl_dimension: int = field(default=8, metadata={"help": "icl_regression: dimension d of x and w."})
+    icl_num_pairs: int = field(default=32, metadata={"help": "icl_regression: (x, y) pairs per sequence."})
+    icl_noise_std: float = field(default=0.0, metadata={"help": "icl_regression: standard deviation of y's noise."})
     lis_min_length: int = field(default=4, metadata={"help": "Synthetic task: shortest number sequence."})
     lis_max_length: int = field(default=10, metadata={"help": "Synthetic task: longest number sequence."})
     lis_max_value: int = field(default=16, metadata={"help": "Synthetic task: numbers are drawn from [0, max_value)."})
@@ -289,6 +293,7 @@ class CompareArguments:
             raise ValueError(f"--task {self.task!r} is not a task; choose one of {list(TASKS)}.")
         self.mqar_task()
         self.induction_task()
+        self.icl_regression_task()
 
     def solver_entries(self) -> str:
         return ",".join(ATTENTION_SOLVERS) if self.solvers is None else self.solvers
@@ -328,6 +333,9 @@ class CompareArguments:
     def induction_task(self) -> InductionTask:
         return InductionTask(vocab_size=self.induction_vocab_size, segment_length=self.induction_segment_length,
                              max_gap=self.induction_max_gap)
+
+    def icl_regression_task(self) -> RegressionTask:
+        return RegressionTask(dimension=self.icl_dimension, num_pairs=self.icl_num_pairs, noise_std=self.icl_noise_std)
 
     def lis_task(self) -> LISTask:
         return LISTask(min_length=self.lis_min_length, max_length=self.lis_max_length, max_value=self.lis_max_value)

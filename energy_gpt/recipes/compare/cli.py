@@ -270,12 +270,13 @@ def rebuild_outputs(comparison: Comparison, draw_plot: bool) -> str:
     lines = header_lines(task, comparison.base_config, comparison.specs, seeds, training_args, machine, timing,
                          command, comparison.reference)
     table = render_table(summary, lines, reference_label, memory_description, comparison.compare_args.reach_tolerance,
-                         task.metric, task.chance)
+                         task.metric, task.chance, task.baselines)
     report = {
         "command": command, "seeds": seeds, "solvers": [spec.label for spec in comparison.specs],
         "reference": comparison.reference,
         "settings": {**comparison.shared, "task_name": task.name, "blind_guess_loss": task.blind_guess_loss,
-                     "metric": task.metric, "chance": task.chance, "chance_description": task.chance_description},
+                     "metric": task.metric, "chance": task.chance, "chance_description": task.chance_description,
+                     "baselines": task.baselines},
         "machine": machine, "timing": timing, "memory_measure": memory_description,
         "summary": summary, "runs": runs,
     }

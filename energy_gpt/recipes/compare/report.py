@@ -78,6 +78,7 @@ def _reach_cell(steps: dict[str, Any], seconds: dict[str, Any]) -> str:
 def render_table(
     summary: dict[str, dict[str, Any]], header_lines: list[str], reference_label: str | None, memory_description: str,
     tolerance: float, metric: str | None = None, chance: float | None = None,
+    baselines: dict[str, float] | None = None,
 ) -> str:
     lines = ["# EnergyGPT solver comparison", "", *header_lines, ""]
     reference_name = reference_label or REFERENCE_SOLVER
@@ -125,6 +126,9 @@ def render_table(
             f"{'–' if chance is None else f'{chance:.4f}'} |"
             for label, entry in summary.items()
         ]
+        # Closed-form predictors measured on the same validation sequences, for scale (no training, no seeds).
+        lines += [f"| {name} (closed form) | – | – | – | {value:.4f} | {'–' if chance is None else f'{chance:.4f}'} |"
+                  for name, value in (baselines or {}).items()]
     fractions = [target_label(fraction) for fraction in TARGET_FRACTIONS]
     if reference_label is not None and reference_label in summary:
         lines += [
@@ -326,6 +330,9 @@ def header_lines(
     metric_line = []
     if task.metric is not None:
         metric_line = [f"- Metric: {task.metric}; chance {task.chance:.4f} ({task.chance_description})."]
+        if task.baselines:
+            metric_line.append("- Closed-form baselines on the same validation sequences: " + "; ".join(
+                f"{name} {value:.4f}" for name, value in task.baselines.items()) + ".")
     lines = [
         f"- Task: {task.description}.",
         *metric_line,

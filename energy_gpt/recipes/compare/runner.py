@@ -232,6 +232,15 @@ def labelled_accuracy(model: torch.nn.Module, dataset, args: TrainingArguments) 
     return correct / total if total else float("nan")
 
 
+def final_metric(model: torch.nn.Module, task: PreparedTask, args: TrainingArguments) -> float | None:
+    """The task's metric on the validation set: its own evaluation, else labelled accuracy; None for loss-only tasks."""
+    if task.metric is None:
+        return None
+    if task.evaluate_metric is not None:
+        return task.evaluate_metric(model, task.eval_dataset, args.per_device_eval_batch_size)
+    return labelled_accuracy(model, task.eval_dataset, args)
+
+
 def learned_solver_values(model: torch.nn.Module, task: PreparedTask, args: TrainingArguments) -> dict[str, Any]:
     """`energy_gpt.solver_report(model, input_ids)` (the learned per-layer solver parameters and decay gates, Newton's
     bound-engagement fractions, and the energy-descent check per layer and head), on one validation batch run while the
@@ -242,6 +251,8 @@ def learned_solver_values(model: torch.nn.Module, task: PreparedTask, args: Trai
     model.eval()
     with torch.no_grad(), record_solver_statistics(model):
         model(**{key: value.to(device) for key, value in batch.items()})
+    if "input_ids" not in batch:  # real-valued inputs: the energy-descent check needs token ids, so it is left out
+        return solver_report(model)
     attention_mask = batch.get("attention_mask")
     return solver_report(model, batch["input_ids"].to(device),
                          None if attention_mask is None else attention_mask.to(device))
@@ -253,7 +264,7 @@ def train_one_run(
 ) -> dict[str, Any]:
     """Train `spec` with `seed` (weights and data order); return its curves and measurements."""
     set_seed(seed)  # right before building: every solver of this seed starts from the same weights
-    model = build_model(EnergyGPTForCausalLM, model_args, config, task.tokenizer)
+    model = build_model(task.model_class or EnergyGPTForCausalLM, model_args, config, task.tokenizer)
     run_args = dataclasses.replace(training_args, output_dir=str(run_dir / "trainer"), seed=seed)
     recorder = SolverRunRecorder(PeakMemoryMeter(run_args.device))
     trainer = Trainer(
@@ -272,7 +283,7 @@ def train_one_run(
     if recorder.validation_curve[-1]["step"] != trainer.state.global_step:
         trainer.evaluate()  # the final validation loss is always measured at the last step
     wall_seconds = time.perf_counter() - started
-    tokens = int(trainer.state.num_input_tokens_seen)
+    tokens = int(trainer.state.num_input_tokens_seen) // task.values_per_token  # Trainer counts input numbers
     step_seconds = math.fsum(recorder.step_durations)
     durations = np.asarray(recorder.step_durations) if recorder.step_durations else np.zeros(1)
     validation_losses = [point["loss"] for point in recorder.validation_curve]
@@ -295,7 +306,7 @@ def train_one_run(
         "num_parameters": count_parameters(model),
         "training_flops": flops_per_step * trainer.state.global_step,
         "training_flops_estimate": training_flops_estimate(model, tokens, task.tokens_per_sequence),
-        "final_metric": labelled_accuracy(trainer.model, task.eval_dataset, run_args) if task.metric else None,
+        "final_metric": final_metric(trainer.model, task, run_args),
         "solver_report": learned_solver_values(trainer.model, task, run_args),
     }
     return result

@@ -51,7 +51,9 @@ def dataset_sha256(dataset) -> str:
             values = batch[name]
             rows = values if values.dtype == object else [values]
             for row in rows:
-                row = np.ascontiguousarray(row, dtype=np.int64)
+                # Real-valued columns (icl_regression) keep every bit; token columns hash as before.
+                floating = np.issubdtype(np.asarray(row).dtype, np.floating)
+                row = np.ascontiguousarray(row, dtype=np.float64 if floating else np.int64)
                 digest.update(str(row.shape).encode())
                 digest.update(row.tobytes())
     return digest.hexdigest()

@@ -12,6 +12,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, TrainingArgumen
 
 from ..arguments import ModelArguments
 from ..common import build_tokenizer, limit_samples
+from ..icl_regression import (
+    baseline_errors,
+    generate_icl_regression,
+    regression_dataset,
+    regression_error,
+    regression_model_class,
+)
 from ..pretrain import DataTrainingArguments, build_lm_datasets, load_raw_datasets
 from ..recall import (
     generate_induction,
@@ -53,6 +60,13 @@ class PreparedTask:
     metric: str | None = None  # what `final_metric` measures (accuracy on the scored positions); None: loss only
     chance: float | None = None  # the metric of a model that does not read the input
     chance_description: str | None = None  # how `chance` is reached, for the table header
+    # Tasks that are not token sequences: the model class to train (None: EnergyGPTForCausalLM), the metric's own
+    # evaluation (None: accuracy of the labelled next tokens), closed-form baselines on the validation set (name ->
+    # metric), and how many numbers of the model's main input make one token (for the token count).
+    model_class: type | None = None
+    evaluate_metric: Callable[[Any, Any, int], float] | None = None
+    baselines: dict[str, float] | None = None
+    values_per_token: int = 1
 
 
 def special_token_fields(tokenizer) -> dict[str, Any]:
@@ -276,6 +290,42 @@ def prepare_induction(inputs: TaskInputs) -> PreparedTask:
     )
 
 
+def prepare_icl_regression(inputs: TaskInputs) -> PreparedTask:
+    """In-context linear regression (energy_gpt.recipes.icl_regression): real-valued vectors through a linear
+    read-in, the mean squared error of a linear read-out at the x tokens, beside closed-form baselines."""
+    shape = inputs.compare_args.icl_regression_task()
+    num_train = default_num_train_examples(inputs.compare_args, inputs.training_args)
+    num_validation = inputs.compare_args.num_validation_examples
+    validation_inputs, validation_targets, _ = generate_icl_regression(shape, num_validation, "icl_regression-validation")
+    baselines = baseline_errors(validation_inputs, validation_targets, shape.noise_std)
+    chance = baselines.pop("predicting 0 (chance)")
+    train_datasets: dict[int, Any] = {}
+
+    def train_dataset_for(seed: int):
+        if seed not in train_datasets:
+            train_datasets[seed] = regression_dataset(*generate_icl_regression(shape, num_train, seed)[:2])
+        return train_datasets[seed]
+
+    # No tokens: the special tokens alone give the (unused) token table its 4 rows and the config its special ids.
+    tokenizer = numbered_tokenizer(0, shape.sequence_length)
+    description = (
+        f"in-context linear regression: per sequence w ~ N(0, I_{shape.dimension} / {shape.dimension}) and "
+        f"{shape.num_pairs} pairs (x, y = w.x + noise), x ~ N(0, I_{shape.dimension}), noise sd {shape.noise_std:g}, "
+        f"fed as {shape.sequence_length} vectors [x, 0], [0, y] through a linear read-in; a linear read-out at each x "
+        f"predicts its y; loss: mean squared error over all pairs; {num_train} training sequences per seed / "
+        f"{num_validation} validation sequences"
+    )
+    return PreparedTask(
+        tokenizer, regression_dataset(validation_inputs, validation_targets), train_dataset_for,
+        {**special_token_fields(tokenizer), "n_positions": shape.sequence_length}, "icl_regression", description,
+        f"none: real-valued inputs ({len(tokenizer)} special tokens size the unused token table)",
+        shape.sequence_length, metric="mean squared error of y (pairs i >= 1)", chance=chance,
+        chance_description=f"predicting 0; in expectation E[y^2] = 1 + noise sd^2 = {1 + shape.noise_std ** 2:g}",
+        model_class=regression_model_class(shape.dimension), evaluate_metric=regression_error, baselines=baselines,
+        values_per_token=shape.point_width,
+    )
+
+
 @dataclass(frozen=True)
 class TaskDefinition:
     """A task `--task` can name: how to prepare it, and one line for the documentation."""
@@ -297,6 +347,9 @@ register_task(TaskDefinition(
     lambda inputs: prepare_synthetic_task(inputs.compare_args, inputs.training_args)))
 register_task(TaskDefinition("mqar", "multi-query associative recall; accuracy on the queried values", prepare_mqar))
 register_task(TaskDefinition("induction", "copy a repeated segment; accuracy on the copied tokens", prepare_induction))
+register_task(TaskDefinition(
+    "icl_regression", "in-context linear regression; mean squared error beside least squares and one gradient step",
+    prepare_icl_regression))
 register_task(TaskDefinition(
     "text", "causal-LM text (--train_file / --dataset_name); loss and perplexity",
     lambda inputs: prepare_text_task(inputs.compare_args, inputs.data_args, inputs.model_args, inputs.training_args,
