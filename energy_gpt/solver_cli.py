@@ -12,7 +12,7 @@ from typing import Any
 from transformers.hf_argparser import string_to_bool
 
 from .equivalence import ENERGY_AXIS_FIELDS
-from .modeling.solvers_energy_gpt import solver_config_fields
+from .modeling.solvers_energy_gpt import ATTENTION_ENERGIES, LOCAL_ENERGIES, solver_config_fields
 
 
 def parse_solver_schedule(value: str) -> str | list[str]:
@@ -30,7 +30,8 @@ def _flag_spec(name: str) -> tuple[Any, str]:
     if name == "attention_solver":
         return parse_solver_schedule, "Solver (see the README's table), `<residual>+<head>`, or one per layer: gd,gd,nag"
     if name in ENERGY_AXIS_FIELDS:
-        helps = {"attention_energy": "softmax, linear or gated_linear", "local_energy": "elastic or huber",
+        helps = {"attention_energy": f"one of {', '.join(ATTENTION_ENERGIES)}",  # registered ones, plugins included
+                 "local_energy": f"one of {', '.join(LOCAL_ENERGIES)}",
                  "learn_solver_params": "train the solver scalars (true) or keep them fixed (false)",
                  "num_loops": "looped depth: apply the block stack this many times"}
         parsers = {"learn_solver_params": string_to_bool, "num_loops": int}
