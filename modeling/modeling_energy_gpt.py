@@ -314,6 +314,10 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
         self.wpe = nn.Embedding(config.max_position_embeddings, self.embed_dim)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([EnergyGPTBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        # Fixed by the config: read by the serving-engine check of every forward that is given `position_ids`.
+        self.head_rules_needing_more_than_one_call = sorted(
+            {block.attn.head_rule_name for block in self.h if not block.attn.single_attention_call}
+        )
         self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
         self.post_init()
@@ -360,7 +364,7 @@ class EnergyGPTModel(EnergyGPTPreTrainedModel):
         rule needs more than one attention call on those tokens: it would silently compute something else. Detected
         from the caller's positions running past the tokens this call can see (cached + new); a host read of the
         positions, done only when the caller passes them and a layer has such a rule."""
-        unservable = sorted({block.attn.head_rule_name for block in self.h if not block.attn.single_attention_call})
+        unservable = self.head_rules_needing_more_than_one_call
         if not unservable or torch.compiler.is_compiling():
             return
         last_position = int(position_ids.max())

@@ -236,9 +236,14 @@ def validate_solver_schedule(config) -> None:
         )
 
 
+def _residual_state_kinds(config) -> list[str | None]:
+    """The kind of state each layer's residual rule carries across layers (None: none)."""
+    return [parse_solver(name)[0].state_kind for name in layer_solver_names(config)]
+
+
 def has_incoming_state(config, layer_idx: int) -> bool:
     """Whether layer `layer_idx` can receive a residual-rule state from an earlier layer (or from the previous loop)."""
-    kinds = [parse_solver(name)[0].state_kind for name in layer_solver_names(config)]
+    kinds = _residual_state_kinds(config)
     kind = kinds[layer_idx]
     earlier = kinds[:layer_idx] if config.num_loops == 1 else kinds
     return kind is not None and kind in earlier
@@ -246,7 +251,7 @@ def has_incoming_state(config, layer_idx: int) -> bool:
 
 def earlier_layers_sharing_state(config, layer_idx: int) -> int:
     """How many earlier layers carry the same kind of state as this layer's residual rule (0 for a rule with none)."""
-    kinds = [parse_solver(name)[0].state_kind for name in layer_solver_names(config)]
+    kinds = _residual_state_kinds(config)
     return 0 if kinds[layer_idx] is None else kinds[:layer_idx].count(kinds[layer_idx])
 
 
