@@ -153,7 +153,8 @@ def layer_energy(model_config, head_rule: nn.Module, query: torch.Tensor, key: t
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
+def model_blocks(model: nn.Module) -> list[nn.Module]:
+    """The EnergyGPT blocks of a model: a bare `EnergyGPTModel`, a model with a head, or one wrapped by PEFT."""
     base = getattr(model, "base_model", model)
     base = getattr(base, "transformer", base)
     return list(base.h)
@@ -187,7 +188,7 @@ def capture_attention_steps(model: nn.Module) -> Iterator[list[dict[str, Any]]]:
             steps.append(step)
         return hook
 
-    blocks = _blocks(model)
+    blocks = model_blocks(model)
 
     def module_scaling(block_index: int) -> float:
         return blocks[block_index].attn.scaling
@@ -218,7 +219,7 @@ def energy_changes(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
                    ) -> list[dict[str, torch.Tensor]]:
     """One entry per block application (layer order, then loops): ``before`` / ``after`` energies (B, H, T) in float64
     and ``real`` (B, 1, T), the non-padding query tokens."""
-    blocks = _blocks(model)
+    blocks = model_blocks(model)
     was_training = model.training
     model.eval()
     try:

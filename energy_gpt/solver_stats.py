@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .energy_descent import energy_descent_report
+from .energy_descent import energy_descent_report, model_blocks
 from .modeling.solvers_energy_gpt import registered_rules
 
 
@@ -98,8 +98,7 @@ def solver_report(model: nn.Module, input_ids: torch.Tensor | None = None,
 
 
 def _learned_values(model: nn.Module) -> dict[str, Any]:
-    base = getattr(model, "base_model", model)
-    blocks = list(base.h)
+    blocks = model_blocks(model)
     report: dict[str, Any] = {"parameters": {}, "newton_bound_engagement": [], "newton_trace_rule_engagement": [],
                               "decay_gate": []}
     names = sorted(solver_parameter_names())
